@@ -1,0 +1,500 @@
+"""The app-node: runs the application's handlers on messages popped from the inbox.
+
+The application is an `App`, written like a python-socketio server::
+
+    app = siocluster.App()
+
+    @app.on("say")
+    def say(sid, data):
+        app.emit("said", data, to=app.get_session(sid)["room"])
+        return {"ok": True}                      # the client's ack
+
+An `AppNode` runs it: ``workers`` greenlets each block on the inbox with ``BLMOVE`` into
+this app-node's processing list, call the handler, send the commands the handler made in
+one stream write, and drop the message from the processing list. Each message goes to
+exactly one app-node. A handler that raises is logged with its envelope; the message is
+tried again, and after ``max_attempts`` it goes to the dead-letter list.
+
+Run it with ``python -m siocluster.appnode package.module:app``.
+"""
+
+if __name__ == "__main__":  # an entry point: patch before anything imports socket or ssl
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import contextlib
+import importlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import gevent
+import gevent.event
+import gevent.local
+from socketio import exceptions as sio_exceptions
+
+from .envelope import (
+    Envelope,
+    MessageError,
+    args_to_data,
+    data_to_args,
+    dumps,
+    encode_batch,
+    loads,
+    new_id,
+    pack_args,
+    unpack_args,
+)
+from .node import Node, require_gevent_patch
+
+RESERVED_EVENTS = ("connect", "disconnect", "no-client")
+NOT_HANDLED = object()
+SEEN_CLIENTS = 100_000   # sids an app-node remembers (for `no-client` and routing)
+
+
+class CallTimeout(sio_exceptions.TimeoutError, TimeoutError):
+    """`App.call` got no answer in time (both python-socketio's and Python's TimeoutError)."""
+
+
+class App:
+    """A Socket.IO application for app-nodes, with python-socketio's handler API.
+
+    Handlers: ``@app.event``, ``@app.on(event, namespace=...)``, catch-alls ``'*'``, and the
+    events ``connect(sid, environ, auth)`` (return False or raise ``ConnectionRefusedError``
+    to refuse), ``disconnect(sid, reason)`` and ``no-client(sid, client_info)`` (the first
+    message this app-node sees of a client whose connect it did not handle).
+
+    Everything else (`emit`, `enter_room`, `get_session`, ...) works once an `AppNode`
+    runs the app, or has been made for it to send from another process.
+    """
+
+    def __init__(self):
+        self.handlers: Dict[str, Dict[str, Callable]] = {}
+        self.node: Optional[AppNode] = None
+        # the app-node running the current handler: one App may run in several app-nodes
+        self._running = gevent.local.local()
+
+    # ---- handlers ---------------------------------------------------------------------------
+
+    def on(self, event: str, handler: Optional[Callable] = None, namespace: Optional[str] = None):
+        """Register a handler, as a decorator or called with the handler."""
+        namespace = namespace or "/"
+
+        def register(func):
+            self.handlers.setdefault(namespace, {})[event] = func
+            return func
+        return register(handler) if handler else register
+
+    def event(self, *args, **kwargs):
+        """Decorator: the function's name is the event name (``@app.event`` or
+        ``@app.event(namespace='/chat')``)."""
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return self.on(args[0].__name__)(args[0])
+
+        def register(func):
+            return self.on(func.__name__, *args, **kwargs)(func)
+        return register
+
+    def handler_for(self, event: str, namespace: str, args: tuple) -> Tuple[Optional[Callable],
+                                                                             tuple]:
+        """python-socketio's resolution order: namespace and event, namespace catch-all,
+        any-namespace and event, any-namespace catch-all."""
+        handlers = self.handlers.get(namespace)
+        if handlers:
+            if event in handlers:
+                return handlers[event], args
+            if event not in RESERVED_EVENTS and "*" in handlers:
+                return handlers["*"], (event, *args)
+        handlers = self.handlers.get("*")
+        if handlers:
+            if event in handlers:
+                return handlers[event], (namespace, *args)
+            if event not in RESERVED_EVENTS and "*" in handlers:
+                return handlers["*"], (event, namespace, *args)
+        return None, args
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _node(self) -> "AppNode":
+        node = getattr(self._running, "node", None)
+        if node is not None:
+            return node
+        if self.node is None:
+            raise RuntimeError("this App is not attached to an app-node: run it with "
+                               "`python -m siocluster.appnode module:app`, or make "
+                               "`AppNode(app, config)` first")
+        return self.node
+
+    def emit(self, event: str, data: Any = None, to=None, room=None, skip_sid=None,
+             namespace: Optional[str] = None, callback: Optional[Callable] = None) -> None:
+        """Emit to one client (its sid), a room (channel), a list of rooms, or everyone in
+        the namespace when ``to`` is None; ``skip_sid`` is a sid or a list of sids."""
+        to = to if to is not None else room
+        if callback is not None:
+            if not isinstance(to, str):
+                raise ValueError("a callback needs one client: pass its sid as `to`")
+            node = self._node()
+            node.flush()
+            node.spawn(lambda: callback(*node.call_args(event, data, to, namespace, None)))
+            return
+        command = {"m": "emit", "ns": namespace or "/", "event": event,
+                   **pack_args(data_to_args(data))}
+        if to is not None:
+            command["to"] = to
+        if skip_sid is not None:
+            command["skip"] = skip_sid
+        node = self._node()
+        node.command(command, node.known_node(to) if isinstance(to, str) else None)
+
+    def send(self, data: Any, to=None, room=None, skip_sid=None,
+             namespace: Optional[str] = None, callback: Optional[Callable] = None) -> None:
+        """Emit a ``message`` event."""
+        self.emit("message", data, to=to, room=room, skip_sid=skip_sid, namespace=namespace,
+                  callback=callback)
+
+    def call(self, event: str, data: Any = None, to=None, sid=None,
+             namespace: Optional[str] = None, timeout: Optional[float] = None) -> Any:
+        """Emit to one client and wait for its answer (raises `CallTimeout`)."""
+        sid = to if to is not None else sid
+        if not isinstance(sid, str):
+            raise ValueError("call() needs the sid of one client as `to`")
+        return args_to_data_or_none(self._node().call_args(event, data, sid, namespace, timeout))
+
+    def enter_room(self, sid: str, room: str, namespace: Optional[str] = None) -> None:
+        self._node().room_command("enter_room", sid, room, namespace or "/")
+
+    def leave_room(self, sid: str, room: str, namespace: Optional[str] = None) -> None:
+        self._node().room_command("leave_room", sid, room, namespace or "/")
+
+    def close_room(self, room: str, namespace: Optional[str] = None) -> None:
+        node = self._node()
+        node.state.close_room(namespace or "/", room)
+        node.command({"m": "close_room", "ns": namespace or "/", "room": room}, None)
+
+    def rooms(self, sid: str, namespace: Optional[str] = None) -> List[str]:
+        """The rooms of a client, its own sid room included (as python-socketio)."""
+        return [sid, *self._node().state.rooms(sid)]
+
+    def disconnect(self, sid: str, namespace: Optional[str] = None) -> None:
+        node = self._node()
+        node.command({"m": "disconnect", "ns": namespace or "/", "sid": sid},
+                     node.known_node(sid, lookup=True))
+
+    # ---- sessions and cluster state ---------------------------------------------------------
+
+    def get_session(self, sid: str, namespace: Optional[str] = None) -> dict:
+        return self._node().state.get_session(sid)
+
+    def save_session(self, sid: str, session: dict, namespace: Optional[str] = None) -> None:
+        self._node().state.save_session(sid, session)
+
+    @contextlib.contextmanager
+    def session(self, sid: str, namespace: Optional[str] = None):
+        """``with app.session(sid) as session:`` reads, then saves what you changed."""
+        session = self.get_session(sid)
+        yield session
+        self.save_session(sid, session)
+
+    def clients(self, namespace: Optional[str] = None) -> List[dict]:
+        """The connected clients across the cluster: sid, namespace, node, info."""
+        return self._node().state.clients(namespace)
+
+    def client(self, sid: str) -> Optional[dict]:
+        return self._node().state.client(sid)
+
+    def count(self, namespace: Optional[str] = None) -> int:
+        return self._node().state.count(namespace)
+
+    def room_members(self, room: str, namespace: Optional[str] = None) -> List[str]:
+        """The sids in a room across every io-node."""
+        return self._node().state.room_members(namespace or "/", room)
+
+    def room_clients(self, room: str, namespace: Optional[str] = None) -> List[dict]:
+        return self._node().state.room_clients(namespace or "/", room)
+
+
+def args_to_data_or_none(args: list) -> Any:
+    return args_to_data(args) if args else None
+
+
+class AppNode(Node):
+    """Runs an `App` on the inbox.
+
+    :param app: the `App` (or ``"module:attr"`` naming it).
+    :param config: a `Config` or a mapping of its keys; ``workers`` greenlets pop at once.
+    :param redis: a redis-py client to use instead of one built from the config.
+
+    ::
+
+        node = AppNode(app, {"REDIS_URL": url}).start()
+        ...
+        node.stop()          # finishes the messages in flight, takes no new ones
+    """
+
+    role = "app-node"
+
+    def __init__(self, app, config=None, redis=None):
+        super().__init__(config, redis)
+        self.app = load_app(app) if isinstance(app, str) else app
+        self.app.node = self
+        self.processing = self.keys.processing(self.id)
+        self._ctx = gevent.local.local()
+        self._seen: OrderedDict[str, str] = OrderedDict()   # sid -> io-node, LRU
+        self.handled = 0
+
+    def start(self):
+        require_gevent_patch("app-node")
+        self.check_redis()
+        super().start()
+        for n in range(self.config.workers):
+            self.spawn_loop(self._work_step, f"worker-{n}")
+        self.logger.info("app-node %s started with %d workers", self.id, self.config.workers)
+        return self
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _work_step(self):
+        raw = self.redis.blmove(self.keys.inbox, self.processing, self.config.pop_timeout,
+                                "RIGHT", "LEFT")
+        if raw is not None:
+            self.handle(raw)
+
+    def handle(self, raw: str) -> None:
+        """Handle one raw envelope taken from the inbox into the processing list."""
+        try:
+            envelope = Envelope.decode(raw)
+        except MessageError as exc:
+            self.logger.error("app-node %s: malformed message moved to %s: %s (%.200r)",
+                              self.id, self.keys.dead, exc, raw)
+            self._finish(raw, [], dead={"error": f"malformed: {exc}", "raw": raw})
+            return
+        self.app._running.node = self
+        self._ctx.batch = []
+        self._ctx.refused = False
+        try:
+            self.dispatch(envelope)
+        except Exception as exc:
+            self.logger.exception("app-node %s: handler failed on %s %r of %s (attempt %d): %s",
+                                  self.id, envelope.kind, envelope.event, envelope.sid,
+                                  envelope.attempt + 1, envelope.encode()[:500])
+            # the handler's commands are dropped: a retry would send them again
+            self._ctx.batch = None
+            self._retry(raw, envelope, f"{exc.__class__.__name__}: {exc}")
+            return
+        batch, self._ctx.batch = self._ctx.batch, None
+        gone = envelope.kind == "disconnect" or self._ctx.refused
+        self._finish(raw, batch, forget=envelope if gone else None)
+        self.handled += 1
+        if gone:
+            self._seen.pop(envelope.sid, None)
+
+    def _finish(self, raw: str, batch, dead: Optional[dict] = None, retry: Optional[str] = None,
+                forget: Optional[Envelope] = None):
+        """One round trip: the handler's commands, the state of a client that left, and the
+        message off the processing list."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._write_commands(pipe, batch)
+        if forget is not None:
+            # only now: the disconnect handler could still read the client's rooms and session
+            self.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
+        if dead is not None:
+            pipe.lpush(self.keys.dead, dumps({**dead, "ts": time.time(), "app_node": self.id}))
+        if retry is not None:
+            pipe.lpush(self.keys.inbox, retry)
+        pipe.lrem(self.processing, 1, raw)
+        pipe.execute()
+
+    def _retry(self, raw: str, envelope: Envelope, error: str) -> None:
+        envelope.attempt += 1
+        if envelope.attempt >= self.config.max_attempts:
+            self.logger.error("app-node %s: message %s failed %d times, moved to %s",
+                              self.id, envelope.id, envelope.attempt, self.keys.dead)
+            self._finish(raw, [], dead={"error": error, "raw": envelope.encode()})
+        else:
+            self._finish(raw, [], retry=envelope.encode())
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def dispatch(self, envelope: Envelope) -> None:
+        ns, sid = envelope.namespace, envelope.sid
+        app = self.app
+        if envelope.kind == "connect":
+            self._remember(sid, envelope.node)
+            ok, error = self._connect(envelope)
+            verdict = {"m": "verdict", "id": envelope.id, "ok": ok, "sid": sid, "ns": ns}
+            if not ok:
+                verdict["error"] = error
+                self._ctx.refused = True
+            # the verdict goes first: the io-node lets the client in before the handler's emits
+            self._ctx.batch.insert(0, (envelope.node, verdict))
+            return
+        if sid not in self._seen:
+            self._remember(sid, envelope.node)
+            handler, args = app.handler_for("no-client", ns, (sid, envelope.client))
+            if handler is not None:
+                handler(*args)
+        else:
+            self._seen.move_to_end(sid)
+        if envelope.kind == "disconnect":
+            handler, args = app.handler_for("disconnect", ns, (sid, envelope.reason))
+            if handler is not None:
+                try:
+                    handler(*args)
+                except TypeError:
+                    handler(*args[:-1])    # the older disconnect(sid) signature
+            return
+        handler, args = app.handler_for(envelope.event, ns, (sid, *envelope.args))
+        if handler is None:
+            self.logger.debug("app-node %s: no handler for %r in %s", self.id, envelope.event, ns)
+            return
+        result = handler(*args)
+        if envelope.ack:
+            self.command({"m": "ack", "id": envelope.id, **pack_args(data_to_args(result))},
+                         envelope.node)
+
+    def _connect(self, envelope: Envelope):
+        handler, args = self.app.handler_for(
+            "connect", envelope.namespace, (envelope.sid, envelope.environ, envelope.auth))
+        if handler is None:
+            return True, None
+        try:
+            try:
+                result = handler(*args)
+            except TypeError:
+                if envelope.auth is not None:
+                    raise
+                result = handler(*args[:-1])   # connect(sid, environ)
+        except sio_exceptions.ConnectionRefusedError as exc:
+            return False, exc.error_args
+        except ConnectionRefusedError as exc:
+            return False, {"message": str(exc) or "Connection refused by server"}
+        if result is False:
+            return False, {"message": "Connection rejected by server"}
+        return True, None
+
+    def _remember(self, sid: str, node: str) -> None:
+        self._seen[sid] = node
+        self._seen.move_to_end(sid)
+        if len(self._seen) > SEEN_CLIENTS:
+            self._seen.popitem(last=False)
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def known_node(self, sid: str, lookup: bool = False) -> Optional[str]:
+        """The io-node holding ``sid`` if this app-node knows (or, with ``lookup``, finds)
+        it; None sends a command to every io-node."""
+        node = self._seen.get(sid)
+        if node is None and lookup:
+            node = self.state.client_node(sid)
+        return node
+
+    def command(self, command: dict, node: Optional[str]) -> None:
+        """Send a command: inside a handler it joins the handler's batch, else it goes now."""
+        batch = getattr(self._ctx, "batch", None)
+        if batch is not None:
+            batch.append((node, command))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            self._write_commands(pipe, [(node, command)])
+            pipe.execute()
+
+    def flush(self) -> None:
+        """Send the current handler's commands now (before a call() waits, say)."""
+        batch = getattr(self._ctx, "batch", None)
+        if batch:
+            pipe = self.redis.pipeline(transaction=False)
+            self._write_commands(pipe, batch)
+            pipe.execute()
+            del batch[:]
+
+    def _write_commands(self, pipe, batch: List[Tuple[Optional[str], dict]]) -> None:
+        """A batch meant for one io-node's clients goes to that node's stream, anything
+        addressed more widely to the stream every io-node reads; order is kept."""
+        if not batch:
+            return
+        maxlen = self.config.stream_maxlen
+        if any(node is None for node, _ in batch):
+            groups = {self.keys.commands: [c for _, c in batch]}
+        else:
+            groups = {}
+            for node, command in batch:
+                groups.setdefault(self.keys.node_commands(node), []).append(command)
+        for stream, commands in groups.items():
+            pipe.xadd(stream, {"b": encode_batch(commands)}, maxlen=maxlen, approximate=True)
+
+    def room_command(self, method: str, sid: str, room: str, namespace: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        if method == "enter_room":
+            self.state.enter_room(sid, namespace, room, pipe)
+        else:
+            self.state.leave_room(sid, namespace, room, pipe)
+        node = self._seen.get(sid)
+        if node is None:
+            pipe.hget(self.keys.clients, sid)
+        results = pipe.execute()
+        if node is None and results[-1]:
+            node = loads(results[-1]).get("node")
+        self.command({"m": method, "ns": namespace, "sid": sid, "room": room}, node)
+
+    def call_args(self, event: str, data: Any, sid: str, namespace: Optional[str],
+                  timeout: Optional[float]) -> list:
+        """Emit to one client and wait for its ack; returns the answer's arguments."""
+        self.flush()
+        timeout = self.config.call_timeout if timeout is None else timeout
+        reply = self.keys.reply(new_id())
+        command = {"m": "call", "ns": namespace or "/", "sid": sid, "event": event,
+                   "reply": reply, **pack_args(data_to_args(data))}
+        pipe = self.redis.pipeline(transaction=False)
+        self._write_commands(pipe, [(self.known_node(sid, lookup=True), command)])
+        pipe.execute()
+        deadline = time.monotonic() + timeout
+        # short blocking pops keep each one under the socket timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CallTimeout(f"client {sid} did not answer {event!r} in {timeout}s")
+            got = self.redis.blpop(reply, timeout=min(remaining, self.config.pop_timeout))
+            if got is not None:
+                return unpack_args(loads(got[1]))
+
+
+def load_app(path: str) -> App:
+    """Import ``package.module:attr`` (``attr`` defaults to ``app``)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"app-node: cannot import {module_name!r}: {exc}")
+    app = getattr(module, attr or "app", None)
+    if not isinstance(app, App):
+        raise SystemExit(f"app-node: {path!r} is not a siocluster.App "
+                         f"(found {type(app).__name__})")
+    return app
+
+
+def main(argv=None) -> None:
+    import argparse
+    import signal
+
+    from .config import Config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
+                                     description="Run an app-node: the app's handlers on the "
+                                                 "cluster's inbox.")
+    parser.add_argument("app", help="the App to run, as package.module:attr")
+    config, args = Config.load(argv, parser=parser)
+    node = AppNode(args.app, config)
+    node.start()
+    shutdown = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, shutdown.set)
+    gevent.signal_handler(signal.SIGINT, shutdown.set)
+    shutdown.wait()
+    logging.getLogger("siocluster").info("app-node %s draining", node.id)
+    node.stop()
+
+
+if __name__ == "__main__":
+    main()

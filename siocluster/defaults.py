@@ -1,0 +1,41 @@
+"""Every default of siocluster in one place; `Config` starts from these."""
+
+PREFIX = "siocluster"
+REDIS_URL = "redis://localhost:6379/0"
+
+HTTP_HOST = "127.0.0.1"
+HTTP_PORT = 8080
+CLIENT_CONFIG_URL = "/config.js"
+POLICY_PORT = 843
+
+# app-node
+WORKERS = 8                  # greenlets popping the inbox in one app-node
+POP_TIMEOUT = 1.0            # seconds a blocking pop waits before looping (lets stop() be seen)
+MAX_ATTEMPTS = 5             # deliveries of one message before it goes to the dead-letter list
+CALL_TIMEOUT = 10.0          # app.call(): seconds to wait for the client's answer
+
+# io-node
+CONNECT_TIMEOUT = 5.0        # seconds an io-node waits for the app tier's connect verdict
+CONNECT_TIMEOUT_ACCEPT = True  # the answer when no verdict came in time
+ACK_TIMEOUT = 60.0           # seconds an io-node keeps a client's pending ack
+OUTBOX_SIZE = 10_000         # client messages an io-node buffers while Redis is unreachable
+MAX_MESSAGE_SIZE = 1_000_000  # bytes of one client message
+RATE_LIMIT = 100.0           # events per second one connection may send (0 turns it off)
+RATE_BURST = 200             # events a connection may send at once above the rate
+
+# Redis structures
+INBOX_MAXLEN = 100_000       # client messages waiting for the app tier before new ones are refused
+STREAM_MAXLEN = 100_000      # commands kept in a stream for io-nodes that reconnect
+COMMAND_BATCH = 256          # stream entries one io-node reads per round trip
+
+# liveness
+HEARTBEAT_INTERVAL = 2.0     # seconds between a node's heartbeats
+NODE_TTL = 10.0              # seconds without a heartbeat after which a node is dead
+
+# connections to Redis: the socket timeout stays above the blocking-pop timeout so an idle
+# pop is never mistaken for a dead connection
+REDIS_SOCKET_TIMEOUT = 10.0
+REDIS_CONNECT_TIMEOUT = 5.0
+REDIS_HEALTH_CHECK_INTERVAL = 5
+RECONNECT_BACKOFF_START = 0.1
+RECONNECT_BACKOFF_MAX = 5.0

@@ -1,0 +1,200 @@
+"""What travels through Redis: client messages (envelopes) and commands, as versioned JSON.
+
+An `Envelope` is what an io-node pushes to the inbox for every client connect, event and
+disconnect. A command is what an app-node sends back (emit, enter_room, ack, ...); commands
+travel in batches, one stream entry per batch. Bytes anywhere in the arguments travel
+base64-encoded, the way python-socketio's managers carry binary packets. Nothing is ever
+unpickled: a malformed message raises `MessageError` and is skipped by its reader.
+"""
+
+import base64
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, List, Optional
+
+from socketio.packet import Packet
+
+VERSION = 1
+KINDS = ("connect", "event", "disconnect")
+
+
+class MessageError(ValueError):
+    """Raised for data in Redis that is not a valid envelope or command batch."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ---- arguments: JSON with binary attachments ---------------------------------------------
+
+def pack_args(args) -> dict:
+    """Arguments as JSON-safe data: ``{"args": [...]}`` plus ``"bin"`` when bytes are in it."""
+    args = list(args)
+    if Packet.data_is_binary(args):
+        data, attachments = Packet.deconstruct_binary(args)
+        return {"args": data, "bin": [base64.b64encode(a).decode() for a in attachments]}
+    return {"args": args}
+
+
+def unpack_args(message: dict) -> list:
+    args = message.get("args", [])
+    if not isinstance(args, list):
+        raise MessageError("args must be a list")
+    attachments = message.get("bin")
+    if attachments:
+        try:
+            args = Packet.reconstruct_binary(args, [base64.b64decode(a) for a in attachments])
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise MessageError(f"bad binary attachments: {exc}")
+    return args
+
+
+def args_to_data(args: list) -> Any:
+    """python-socketio's convention: one argument as itself, several as a tuple."""
+    if len(args) == 1:
+        return args[0]
+    return tuple(args)
+
+
+def data_to_args(data: Any) -> list:
+    """The reverse of `args_to_data`; ``None`` means no argument."""
+    if data is None:
+        return []
+    if isinstance(data, tuple):
+        return list(data)
+    return [data]
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(raw) -> Any:
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise MessageError(f"not JSON: {exc}")
+
+
+# ---- envelopes: io-node -> inbox -> app-node ---------------------------------------------
+
+@dataclasses.dataclass
+class Envelope:
+    """One client connect, event or disconnect on its way to the app tier.
+
+    ``node`` is the id of the io-node holding the client, ``client`` the client info its
+    io-node attached (the seed's ``getClientInfo``). ``ack`` tells that the client waits
+    for an answer. ``attempt`` counts deliveries to app-nodes, so handlers can be
+    idempotent.
+    """
+
+    kind: str
+    namespace: str
+    sid: str
+    node: str
+    client: dict = dataclasses.field(default_factory=dict)
+    event: Optional[str] = None
+    args: List[Any] = dataclasses.field(default_factory=list)
+    ack: bool = False
+    environ: Optional[dict] = None    # connect: a JSON-safe part of the WSGI environ
+    auth: Any = None                  # connect: what the client sent as auth
+    reason: Optional[str] = None      # disconnect: why
+    id: str = dataclasses.field(default_factory=new_id)
+    ts: float = dataclasses.field(default_factory=time.time)
+    attempt: int = 0
+    version: int = VERSION
+
+    def encode(self) -> str:
+        message = {"v": self.version, "id": self.id, "kind": self.kind, "ns": self.namespace,
+                   "sid": self.sid, "node": self.node, "client": self.client, "ts": self.ts,
+                   "attempt": self.attempt}
+        if self.kind == "event":
+            message["event"] = self.event
+            message.update(pack_args(self.args))
+            if self.ack:
+                message["ack"] = True
+        elif self.kind == "connect":
+            message["environ"] = self.environ or {}
+            message.update(pack_args([self.auth]))
+        elif self.reason is not None:
+            message["reason"] = self.reason
+        return dumps(message)
+
+    @classmethod
+    def decode(cls, raw) -> "Envelope":
+        message = loads(raw)
+        if not isinstance(message, dict):
+            raise MessageError("an envelope must be a JSON object")
+        if message.get("v") != VERSION:
+            raise MessageError(f"unsupported envelope version {message.get('v')!r}")
+        kind = message.get("kind")
+        if kind not in KINDS:
+            raise MessageError(f"unknown envelope kind {kind!r}")
+        for key in ("id", "ns", "sid", "node"):
+            if not isinstance(message.get(key), str):
+                raise MessageError(f"envelope field {key!r} must be a string")
+        client = message.get("client") or {}
+        if not isinstance(client, dict):
+            raise MessageError("envelope field 'client' must be an object")
+        args = unpack_args(message)
+        envelope = cls(kind=kind, namespace=message["ns"], sid=message["sid"],
+                       node=message["node"], client=client, id=message["id"],
+                       ts=float(message.get("ts") or 0), attempt=int(message.get("attempt", 0)))
+        if kind == "event":
+            if not isinstance(message.get("event"), str):
+                raise MessageError("an event envelope needs an event name")
+            envelope.event = message["event"]
+            envelope.args = args
+            envelope.ack = bool(message.get("ack"))
+        elif kind == "connect":
+            envelope.environ = message.get("environ") or {}
+            envelope.auth = args[0] if args else None
+        else:
+            envelope.reason = message.get("reason")
+        return envelope
+
+
+# ---- commands: app-node -> stream -> io-nodes --------------------------------------------
+
+COMMANDS = {
+    # name: the fields it must carry
+    "emit": ("ns", "event"),            # + to, skip, args/bin
+    "enter_room": ("ns", "sid", "room"),
+    "leave_room": ("ns", "sid", "room"),
+    "close_room": ("ns", "room"),
+    "disconnect": ("ns", "sid"),
+    "ack": ("id",),                     # answer to a client's event: + args/bin
+    "verdict": ("id", "ok"),            # answer to a connect: + error
+    "call": ("ns", "sid", "event", "reply"),  # emit that wants the client's answer
+    "app": ("type",),                   # a custom app message for io-node code (seed API)
+}
+
+
+def encode_batch(commands: List[dict]) -> str:
+    return dumps({"v": VERSION, "c": commands})
+
+
+def decode_batch(raw) -> List[dict]:
+    message = loads(raw)
+    if not isinstance(message, dict) or message.get("v") != VERSION:
+        raise MessageError("a command batch must be a versioned JSON object")
+    commands = message.get("c")
+    if not isinstance(commands, list):
+        raise MessageError("a command batch needs a list of commands")
+    for command in commands:
+        check_command(command)
+    return commands
+
+
+def check_command(command) -> None:
+    if not isinstance(command, dict):
+        raise MessageError("a command must be a JSON object")
+    required = COMMANDS.get(command.get("m"))
+    if required is None:
+        raise MessageError(f"unknown command {command.get('m')!r}")
+    missing = [key for key in required if key not in command]
+    if missing:
+        raise MessageError(f"command {command['m']!r} lacks {', '.join(missing)}")

@@ -1,0 +1,479 @@
+"""The io-node: holds browser connections, pushes what clients do, applies what app-nodes say.
+
+Its Socket.IO handlers do one thing: wrap a client's connect, event or disconnect in an
+`Envelope` and queue it for the inbox. A pusher greenlet sends the queue to Redis in
+batches (one round trip for many messages, and a bounded buffer while Redis is away). A
+listener greenlet reads the command streams, the one for every io-node and this node's
+own, and applies each command to the clients held here with python-socketio's own
+rooms and emit.
+
+Run it with ``python -m siocluster.ionode --port 8081``, or as a WSGI app under
+``gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker -w 1
+siocluster.wsgi:application``.
+"""
+
+if __name__ == "__main__":  # an entry point: patch before anything imports socket or ssl
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import gevent
+import gevent.event
+import gevent.queue
+import socketio
+from socketio import packet as sio_packet
+from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
+
+from . import defaults
+from .envelope import (
+    Envelope,
+    MessageError,
+    args_to_data,
+    decode_batch,
+    dumps,
+    pack_args,
+    unpack_args,
+)
+from .node import Node, require_gevent_patch
+
+# The part of a WSGI environ that travels to app-nodes with a connect: JSON-safe strings only.
+ENVIRON_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "QUERY_STRING", "PATH_INFO", "SERVER_NAME",
+                "SERVER_PORT", "SERVER_PROTOCOL", "REQUEST_METHOD")
+
+
+def safe_environ(environ: dict) -> dict:
+    return {k: v for k, v in environ.items()
+            if isinstance(v, str) and (k.startswith("HTTP_") or k in ENVIRON_KEYS)}
+
+
+def _stream_id(entry_id: str):
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Client:
+    """A connection held by this io-node (the seed's ``client``).
+
+    ``data`` is free for io-node code, e.g. a user id set on an ``app setUserId`` message;
+    ``info`` is what `IoNode.get_client_info` computed at connect.
+    """
+
+    __slots__ = ("sid", "namespace", "eio_sid", "info", "data", "tokens", "stamp")
+
+    def __init__(self, sid, namespace, eio_sid, info, burst):
+        self.sid, self.namespace, self.eio_sid = sid, namespace, eio_sid
+        self.info = info
+        self.data = {}
+        self.tokens = float(burst)     # rate limit: a token bucket
+        self.stamp = time.monotonic()
+
+
+class IoNode(Node):
+    """An io-node around a python-socketio server in gevent mode.
+
+    :param config: a `Config` or a mapping of its keys.
+    :param sio: a ``socketio.Server(async_mode='gevent')`` of your own (the seed's
+        ``makeIoServer``); by default one is made with the config's CORS and size limits.
+    :param redis: a redis-py client to use instead of one built from the config.
+
+    The node is a WSGI application::
+
+        node = IoNode({"REDIS_URL": "redis://localhost:6379/0"}).start()
+        node.serve(("0.0.0.0", 8081))            # or hand `node` to any gevent WSGI server
+    """
+
+    role = "io-node"
+
+    def __init__(self, config=None, sio: Optional[socketio.Server] = None, redis=None,
+                 **server_options):
+        super().__init__(config, redis)
+        c = self.config
+        if sio is None:
+            options = {"async_mode": "gevent", "namespaces": "*",
+                       "cors_allowed_origins": c.cors_allowed_origins,
+                       "max_http_buffer_size": c.max_message_size,
+                       # our handlers never block on events, so spare a greenlet per event
+                       "async_handlers": False}
+            options.update(server_options)
+            sio = socketio.Server(**options)
+        self.sio = sio
+        sio.on("connect", self._on_connect, namespace="*")
+        sio.on("disconnect", self._on_disconnect, namespace="*")
+        # python-socketio answers a client's ack with the handler's return value at once;
+        # here the answer comes later from an app-node, so events are taken over with their
+        # ack id (the one hook python-socketio has for it).
+        sio._handle_event_internal = self._on_event
+        self.wsgi_app = socketio.WSGIApp(sio)
+        self.clients: Dict[str, Client] = {}
+        self.outbox = gevent.queue.Queue(maxsize=c.outbox_size)
+        self._unsent: List[tuple] = []
+        self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)
+        self._pending_connects: Dict[str, gevent.event.AsyncResult] = {}
+        self.last_ids: Dict[str, str] = {}
+        self.hooks: Dict[str, List[Callable]] = {}
+        self.address = None
+
+    def __call__(self, environ, start_response):
+        return self.wsgi_app(environ, start_response)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self):
+        require_gevent_patch("io-node")
+        self.check_redis()
+        for stream in (self.keys.commands, self.keys.node_commands(self.id)):
+            last = self.redis.xrevrange(stream, count=1)
+            self.last_ids[stream] = last[0][0] if last else "0-0"
+        super().start()
+        self.spawn_loop(self._push_step, "push")
+        self.spawn_loop(self._listen_step, "listen")
+        self.spawn_loop(self._sweep_step, "sweep")
+        self.logger.info("io-node %s started", self.id)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect every client (they move to other io-nodes), flush, and deregister."""
+        if getattr(self, "_server", None) is not None:
+            self._server.stop(timeout=0)       # take no new connections
+        # closing the Engine.IO connections (not a Socket.IO disconnect) makes clients
+        # reconnect by themselves, to another io-node
+        try:
+            self.sio.eio.disconnect()
+        except Exception:
+            self.logger.exception("io-node %s: disconnecting clients", self.id)
+        deadline = time.monotonic() + timeout
+        while (self._unsent or not self.outbox.empty()) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        super().stop(max(0.1, deadline - time.monotonic()))
+        try:
+            self.redis.delete(self.keys.node_commands(self.id))
+        except Exception:
+            pass
+
+    def serve(self, address=None, **server_options):
+        """Listen with gevent's WSGI server and gevent-websocket; blocks until stopped."""
+        self.start_server(address, **server_options)
+        self.stopping.wait()
+
+    def start_server(self, address=None, **server_options):
+        """Start listening (websocket and polling) without blocking; returns the server."""
+        from gevent import pywsgi
+        from geventwebsocket.handler import WebSocketHandler
+
+        address = address or (self.config.http_host, self.config.http_port)
+        options = {"handler_class": WebSocketHandler, "log": None}
+        options.update(server_options)
+        self._server = pywsgi.WSGIServer(address, self, **options)
+        self._server.start()
+        self.address = self._server.address
+        self.heartbeat()
+        return self._server
+
+    def info(self) -> dict:
+        info = super().info()
+        if self.address:
+            host, port = self.address[:2]
+            info.update(internal=host, port=port,
+                        external=self.config.public_host or host)
+        info["clients"] = len(self.clients)
+        return info
+
+    # ---- io-node hooks (the seed's io-node events) ------------------------------------------
+
+    def on(self, name: str, handler: Optional[Callable] = None):
+        """Register ``handler(*args)`` for an io-node event such as ``'app setUserId'``."""
+        def register(func):
+            self.hooks.setdefault(name, []).append(func)
+            return func
+        return register(handler) if handler else register
+
+    def fire(self, name: str, *args) -> None:
+        for handler in self.hooks.get(name, ()):
+            try:
+                handler(*args)
+            except Exception:
+                self.logger.exception("io-node %s: %r hook failed", self.id, name)
+
+    def get_client_info(self, client: Client) -> dict:
+        """The client info sent with every message of ``client``; override to add yours."""
+        return client.info
+
+    def client_info(self, sid: str, namespace: str, environ: dict) -> dict:
+        """The info computed once at connect."""
+        return {"sid": sid, "namespace": namespace,
+                "remote_addr": environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[0].strip()
+                or environ.get("REMOTE_ADDR"),
+                "user_agent": environ.get("HTTP_USER_AGENT"),
+                "origin": environ.get("HTTP_ORIGIN"),
+                "io_node": self.id}
+
+    # ---- client -> inbox --------------------------------------------------------------------
+
+    def _on_connect(self, namespace, sid, environ, auth=None):
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
+        client = Client(sid, namespace, eio_sid, self.client_info(sid, namespace, environ),
+                        self.config.rate_burst)
+        self.clients[sid] = client
+        envelope = Envelope("connect", namespace, sid, self.id, self.get_client_info(client),
+                            environ=safe_environ(environ), auth=auth)
+        verdict = gevent.event.AsyncResult()
+        self._pending_connects[envelope.id] = verdict
+        try:
+            if not self._enqueue(envelope, client):
+                self.clients.pop(sid, None)
+                raise SioConnectionRefused("server busy, try another io-node")
+            try:
+                ok, error = verdict.get(timeout=self.config.connect_timeout)
+            except gevent.Timeout:
+                ok, error = self.config.connect_timeout_accept, "no answer from the app"
+                self.logger.warning("io-node %s: no connect verdict for %s in %.1fs, %s it",
+                                    self.id, sid, self.config.connect_timeout,
+                                    "accepting" if ok else "refusing")
+                if not ok:
+                    # the app tier will see the connect later: pair it with a disconnect
+                    self._enqueue(Envelope("disconnect", namespace, sid, self.id,
+                                           client.info, reason="connect timed out"), client)
+        finally:
+            self._pending_connects.pop(envelope.id, None)
+        if not ok:
+            self.clients.pop(sid, None)
+            if isinstance(error, dict):
+                raise SioConnectionRefused(error.get("message"), *(
+                    [error["data"]] if error.get("data") is not None else []))
+            raise SioConnectionRefused(error or "connection refused")
+        self.fire("socket connection", client)
+        return True
+
+    def _on_event(self, server, sid, eio_sid, data, namespace, ack_id):
+        client = self.clients.get(sid)
+        if client is None:
+            return
+        event, args = data[0], data[1:]
+        if not self._take_token(client):
+            self._refuse(client, event, ack_id, "rate limit exceeded, slow down")
+            return
+        envelope = Envelope("event", namespace, sid, self.id, self.get_client_info(client),
+                            event=event, args=args, ack=ack_id is not None)
+        if ack_id is not None:
+            self._pending_acks[envelope.id] = (eio_sid, namespace, ack_id,
+                                               time.monotonic() + self.config.ack_timeout)
+        if not self._enqueue(envelope, client):
+            self._pending_acks.pop(envelope.id, None)
+            self._refuse(client, event, ack_id, "server busy, message not accepted")
+            return
+        self.fire("socket message", client, event, args)
+
+    def _on_disconnect(self, namespace, sid, reason=None):
+        client = self.clients.pop(sid, None)
+        if client is None:
+            return
+        envelope = Envelope("disconnect", namespace, sid, self.id, self.get_client_info(client),
+                            reason=str(reason) if reason is not None else None)
+        if not self._enqueue(envelope, client, wait=True):
+            self.logger.error("io-node %s: outbox full, disconnect of %s not queued",
+                              self.id, sid)
+        self.fire("socket disconnect", client)
+
+    def _take_token(self, client: Client) -> bool:
+        rate = self.config.rate_limit
+        if not rate:
+            return True
+        now = time.monotonic()
+        client.tokens = min(self.config.rate_burst, client.tokens + (now - client.stamp) * rate)
+        client.stamp = now
+        if client.tokens < 1:
+            return False
+        client.tokens -= 1
+        return True
+
+    def _refuse(self, client: Client, event: str, ack_id, reason: str) -> None:
+        """Tell a client its message was not taken: by its ack, and by an ``error`` event."""
+        self.logger.warning("io-node %s: refused %r from %s: %s", self.id, event, client.sid,
+                            reason)
+        if ack_id is not None:
+            self._send_ack(client.eio_sid, client.namespace, ack_id,
+                           [{"ok": False, "error": reason}])
+        self.sio.emit("error", {"event": event, "error": reason}, to=client.sid,
+                      namespace=client.namespace)
+
+    def _enqueue(self, envelope: Envelope, client: Client, wait: bool = False) -> bool:
+        record = None
+        if envelope.kind == "connect":
+            record = {"sid": client.sid, "namespace": client.namespace, "node": self.id,
+                      "info": envelope.client, "connected_at": envelope.ts}
+        item = (envelope.encode(), record)
+        try:
+            self.outbox.put(item, timeout=1.0 if wait else None) if wait \
+                else self.outbox.put_nowait(item)
+        except gevent.queue.Full:
+            return False
+        return True
+
+    def _push_step(self):
+        """Send queued envelopes to the inbox, many per round trip; resend after a failure."""
+        if not self._unsent:
+            try:
+                self._unsent.append(self.outbox.get(timeout=self.config.pop_timeout))
+            except gevent.queue.Empty:
+                return
+            while len(self._unsent) < defaults.COMMAND_BATCH:
+                try:
+                    self._unsent.append(self.outbox.get_nowait())
+                except gevent.queue.Empty:
+                    break
+        pipe = self.redis.pipeline(transaction=False)
+        for _, record in self._unsent:
+            if record is not None:
+                # registered before its connect reaches the inbox, so app-nodes find it
+                self.state.add_client(record, pipe)
+        # LPUSH of several values keeps their order for a consumer popping the other end
+        pipe.lpush(self.keys.inbox, *[raw for raw, _ in self._unsent])
+        pipe.execute()
+        self._unsent = []
+
+    # ---- commands -> clients ----------------------------------------------------------------
+
+    def _listen_step(self):
+        count = defaults.COMMAND_BATCH
+        reply = self.redis.xread(dict(self.last_ids), count=count,
+                                 block=int(self.config.pop_timeout * 1000))
+        if not reply:
+            return
+        entries, cap = [], None
+        for stream, items in reply:
+            entries.extend((_stream_id(entry_id), stream, entry_id, fields)
+                           for entry_id, fields in items)
+            if len(items) >= count:
+                # this stream may have more: apply nothing newer than its last entry yet,
+                # so commands of the two streams stay in the order they were written
+                last = _stream_id(items[-1][0])
+                cap = last if cap is None else min(cap, last)
+        entries.sort(key=lambda e: e[0])
+        for key, stream, entry_id, fields in entries:
+            if cap is not None and key > cap:
+                break
+            self.last_ids[stream] = entry_id
+            try:
+                commands = decode_batch(fields.get("b"))
+            except MessageError as exc:
+                self.logger.error("io-node %s: skipped malformed command entry %s in %s: %s",
+                                  self.id, entry_id, stream, exc)
+                continue
+            for command in commands:
+                try:
+                    self.apply(command)
+                except Exception:
+                    self.logger.exception("io-node %s: command %r failed", self.id, command)
+
+    def apply(self, command: dict) -> None:
+        """Apply one command to the clients held here; others' clients are not touched."""
+        method = command["m"]
+        sio = self.sio
+        ns = command.get("ns", "/")
+        if method == "emit":
+            args = unpack_args(command)
+            sio.emit(command["event"], args_to_data(args) if args else None,
+                     to=command.get("to"), skip_sid=command.get("skip"), namespace=ns)
+            self.fire("app publish", command)
+        elif method in ("enter_room", "leave_room"):
+            sid = command["sid"]
+            if self.holds(sid, ns):
+                if method == "enter_room":
+                    sio.enter_room(sid, command["room"], namespace=ns)
+                    self.fire("app subscribe-to-channel", command)
+                else:
+                    sio.leave_room(sid, command["room"], namespace=ns)
+                    self.fire("app unsubscribe-from-channel", command)
+        elif method == "close_room":
+            sio.close_room(command["room"], namespace=ns)
+        elif method == "disconnect":
+            if self.holds(command["sid"], ns):
+                sio.disconnect(command["sid"], namespace=ns)
+        elif method == "ack":
+            pending = self._pending_acks.pop(command["id"], None)
+            if pending is not None:
+                eio_sid, namespace, ack_id, _ = pending
+                self._send_ack(eio_sid, namespace, ack_id, unpack_args(command))
+        elif method == "verdict":
+            self._apply_verdict(command)
+        elif method == "call":
+            if self.holds(command["sid"], ns):
+                args = unpack_args(command)
+                reply_key = command["reply"]
+                sio.emit(command["event"], args_to_data(args) if args else None,
+                         to=command["sid"], namespace=ns,
+                         callback=lambda *answer: self._reply(reply_key, answer))
+        elif method == "app":
+            self.fire(f"app {command['type']}", command)
+
+    def holds(self, sid: str, namespace: str) -> bool:
+        """Whether this io-node holds the client (connected, or connecting right now)."""
+        manager = self.sio.manager
+        return manager.is_connected(sid, namespace) or manager.is_pre_connected(sid, namespace)
+
+    def _apply_verdict(self, command: dict) -> None:
+        pending = self._pending_connects.get(command["id"])
+        ok, error = bool(command["ok"]), command.get("error")
+        if pending is not None:
+            pending.set((ok, error))
+            return
+        sid, ns = command.get("sid"), command.get("ns", "/")
+        if not ok and sid and self.sio.manager.is_connected(sid, ns):
+            # the verdict came after the timeout let the client in: honour it now
+            self.sio.disconnect(sid, namespace=ns)
+
+    def _send_ack(self, eio_sid, namespace, ack_id, args: List[Any]) -> None:
+        self.sio._send_packet(eio_sid, self.sio.packet_class(
+            sio_packet.ACK, namespace=namespace, id=ack_id, data=list(args)))
+
+    def _reply(self, key: str, answer) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(key, dumps(pack_args(answer)))
+        pipe.expire(key, 60)
+        pipe.execute()
+
+    def _sweep_step(self):
+        """Forget acks nobody answered in time, so memory stays bounded."""
+        self.stopping.wait(min(5.0, self.config.ack_timeout))
+        now = time.monotonic()
+        expired = [k for k, v in self._pending_acks.items() if v[3] < now]
+        for key in expired:
+            eio_sid, namespace, ack_id, _ = self._pending_acks.pop(key)
+            self._send_ack(eio_sid, namespace, ack_id,
+                           [{"ok": False, "error": "no answer from the app in time"}])
+
+
+def main(argv=None) -> None:
+    from .config import Config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config, _ = Config.load(argv, prog="python -m siocluster.ionode",
+                            description="Run an io-node: Socket.IO connections <-> Redis.")
+    node = IoNode(config)
+    node.start()
+    try:
+        node.start_server()
+    except PermissionError:
+        raise SystemExit(f"io-node: port {config.http_port} needs privileges; "
+                         "pick a port above 1023 with --port")
+    except OSError as exc:
+        raise SystemExit(f"io-node: cannot listen on {config.http_host}:{config.http_port}: "
+                         f"{exc}; choose another with --host/--port")
+    logging.getLogger("siocluster").info("io-node %s listening on %s:%s", node.id,
+                                         *node.address[:2])
+    import signal
+
+    shutdown = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, shutdown.set)
+    gevent.signal_handler(signal.SIGINT, shutdown.set)
+    shutdown.wait()
+    logging.getLogger("siocluster").info("io-node %s stopping", node.id)
+    node.stop()
+
+
+if __name__ == "__main__":
+    main()

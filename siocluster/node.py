@@ -1,0 +1,165 @@
+"""What every siocluster process shares: its Redis client, a heartbeat, and stoppable loops.
+
+A node's work is a few loops, each a greenlet running ``while not stopping: step()``.
+A step that raises is logged and the loop goes on; when Redis is unreachable the loop
+backs off (doubling up to a cap, reset after a success) and says so once, not once per
+message. `stop()` sets the flag and `join()` waits, so tests start and stop real nodes
+in-process.
+"""
+
+import logging
+import socket
+import time
+
+import gevent
+import gevent.event
+from gevent import monkey
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import defaults
+from .config import Config, as_config
+from .state import ClusterState, Keys
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def require_gevent_patch(role: str) -> None:
+    """Fail loudly when the process runs unpatched blocking sockets under gevent."""
+    if not monkey.is_module_patched("socket"):
+        raise RuntimeError(
+            f"siocluster's {role} needs gevent to monkey-patch the standard library first: "
+            "call `from gevent import monkey; monkey.patch_all()` at the very top of your "
+            f"entry point, or run it with `python -m siocluster.{role.replace('-', '')}`.")
+
+
+class Backoff:
+    """Doubling delay up to a cap; `reset()` after a success."""
+
+    def __init__(self, start=defaults.RECONNECT_BACKOFF_START, cap=defaults.RECONNECT_BACKOFF_MAX):
+        self.start, self.cap = start, cap
+        self.delay = start
+
+    def next(self) -> float:
+        delay = self.delay
+        self.delay = min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.start
+
+
+class Node:
+    """Base of io-nodes and app-nodes.
+
+    :param config: a `Config` or a mapping of its keys.
+    :param redis: a redis-py client to use instead of one built from the config.
+    """
+
+    role = "node"
+
+    def __init__(self, config=None, redis=None):
+        self.config: Config = as_config(config)
+        self.id = self.config.make_node_id(self.role)
+        self.logger = logging.getLogger(f"siocluster.{self.role}")
+        self.redis = redis if redis is not None else self.config.redis_client()
+        self.keys = Keys(self.config.prefix)
+        self.state = ClusterState(self.redis, self.keys)
+        self.stopping = gevent.event.Event()
+        self._greenlets = []
+        self._redis_down_since = None
+        self.started_at = time.time()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def check_redis(self) -> None:
+        """Ping Redis once at start, so a wrong URL or password fails here, clearly."""
+        from redis.exceptions import AuthenticationError, ResponseError
+
+        url = self.config.effective_redis_url
+        shown = url.split("@")[-1]
+        try:
+            self.redis.ping()
+        except AuthenticationError as exc:
+            raise RuntimeError(f"Redis at {shown} refused the password or user: {exc}. "
+                               "Check REDIS_URL (redis://user:password@host:port/db).")
+        except ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise RuntimeError(f"Redis at {shown} needs a password: {exc}. "
+                                   "Put it in REDIS_URL (redis://:password@host:port/db).")
+            raise
+        except REDIS_DOWN as exc:
+            raise RuntimeError(f"cannot reach Redis at {shown}: {exc}. Start redis-server, "
+                               "or set SIOCLUSTER_REDIS_URL / --redis-url to where it runs.")
+
+    def start(self):
+        """Start the node's loops in greenlets; returns self."""
+        self.stopping.clear()
+        self.heartbeat()
+        self.spawn_loop(self._heartbeat_step, "heartbeat")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every loop and wait for them (at most ``timeout`` seconds)."""
+        self.stopping.set()
+        self.join(timeout)
+        try:
+            self.state.remove_node(self.id)
+        except REDIS_DOWN:
+            self.logger.warning("could not deregister %s: Redis is unreachable", self.id)
+
+    def join(self, timeout=None) -> None:
+        gevent.joinall(self._greenlets, timeout=timeout)
+        gevent.killall([g for g in self._greenlets if not g.dead], timeout=1)
+
+    def spawn(self, func, *args):
+        greenlet = gevent.spawn(func, *args)
+        self._greenlets.append(greenlet)
+        return greenlet
+
+    def spawn_loop(self, step, name: str):
+        """Run ``step()`` until stopped; errors are logged, Redis outages backed off."""
+        return self.spawn(self._loop, step, name)
+
+    def _loop(self, step, name):
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            try:
+                step()
+            except REDIS_DOWN as exc:
+                self._redis_lost(name, exc)
+                self.stopping.wait(backoff.next())
+                continue
+            except Exception:
+                self.logger.exception("%s %s: unexpected error in the %s loop",
+                                      self.role, self.id, name)
+                self.stopping.wait(backoff.next())
+                continue
+            backoff.reset()
+            self._redis_back()
+
+    def _redis_lost(self, name, exc) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.time()
+            self.logger.warning("%s %s lost Redis (%s in %s loop): retrying with backoff",
+                                self.role, self.id, exc.__class__.__name__, name)
+
+    def _redis_back(self) -> None:
+        if self._redis_down_since is not None:
+            self.logger.warning("%s %s: Redis is back after %.1fs", self.role, self.id,
+                                time.time() - self._redis_down_since)
+            self._redis_down_since = None
+
+    # ---- heartbeat --------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """What the registry shows of this node; subclasses add to it."""
+        return {"id": self.id, "role": self.role, "host": socket.gethostname(),
+                "started_at": self.started_at}
+
+    def heartbeat(self) -> None:
+        self.state.heartbeat(self.id, self.info(), self.config.node_ttl)
+
+    def _heartbeat_step(self):
+        self.heartbeat()
+        self.stopping.wait(self.config.heartbeat_interval)

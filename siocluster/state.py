@@ -1,0 +1,231 @@
+"""Cluster state in Redis: the key layout, clients, rooms, sessions and the node registry.
+
+Any app-node can answer any message because what a handler needs to know about the
+cluster lives here: which io-node holds a client and its info (the seed's
+``getClientInfo``), which clients are in a room across all io-nodes, each client's session,
+and which nodes are alive. io-nodes write client records; app-nodes write rooms and
+sessions as their handlers call `enter_room` or `save_session`, so a handler reads its own
+writes at once.
+"""
+
+import json
+import time
+from typing import Dict, Iterable, List, Optional
+
+
+class Keys:
+    """Every Redis key of one cluster, under its prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.inbox = f"{prefix}:inbox"                # list: envelopes waiting for app-nodes
+        self.dead = f"{prefix}:dead"                  # list: envelopes that failed too often
+        self.commands = f"{prefix}:commands"          # stream: commands for every io-node
+        self.clients = f"{prefix}:clients"            # hash: sid -> client record
+        self.nodes = f"{prefix}:nodes"                # hash: node id -> node info
+        self.room_prefix = f"{prefix}:room:"
+
+    def processing(self, app_node: str) -> str:
+        """List of the envelopes one app-node is handling right now."""
+        return f"{self.prefix}:processing:{app_node}"
+
+    def node_commands(self, node: str) -> str:
+        """Stream of commands meant for the clients of one io-node only."""
+        return f"{self.prefix}:commands:{node}"
+
+    def alive(self, node: str) -> str:
+        """Expiring key: exists while the node's heartbeat is fresh."""
+        return f"{self.prefix}:alive:{node}"
+
+    def node_clients(self, node: str) -> str:
+        return f"{self.prefix}:node-clients:{node}"
+
+    def namespace_clients(self, namespace: str) -> str:
+        return f"{self.prefix}:ns-clients:{namespace}"
+
+    def room(self, namespace: str, room: str) -> str:
+        return f"{self.room_prefix}{namespace}:{room}"
+
+    def client_rooms(self, sid: str) -> str:
+        return f"{self.prefix}:rooms:{sid}"
+
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}:session:{sid}"
+
+    def reply(self, call_id: str) -> str:
+        """List an app.call() waits on for the client's answer."""
+        return f"{self.prefix}:reply:{call_id}"
+
+
+# Removing a client touches keys derived from its record, so it runs as one script: no other
+# reader sees it half gone. KEYS: clients, client_rooms, session, node_clients, ns_clients;
+# ARGV: sid, room key prefix including the namespace.
+_FORGET_CLIENT = """
+local rooms = redis.call('SMEMBERS', KEYS[2])
+for _, room in ipairs(rooms) do
+  redis.call('SREM', ARGV[2] .. room, ARGV[1])
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
+return #rooms
+"""
+
+# KEYS: the room; ARGV: room name, client_rooms key prefix
+_CLOSE_ROOM = """
+local sids = redis.call('SMEMBERS', KEYS[1])
+for _, sid in ipairs(sids) do
+  redis.call('SREM', ARGV[2] .. sid, ARGV[1])
+end
+redis.call('DEL', KEYS[1])
+return #sids
+"""
+
+
+class ClusterState:
+    """Reads and writes the cluster state; both io-nodes and app-nodes hold one.
+
+    :param redis: a redis-py client with ``decode_responses=True``.
+    :param keys: the cluster's `Keys`.
+    """
+
+    def __init__(self, redis, keys: Keys):
+        self.redis = redis
+        self.keys = keys
+        self._forget = redis.register_script(_FORGET_CLIENT)
+        self._close_room = redis.register_script(_CLOSE_ROOM)
+
+    # ---- clients (written by io-nodes) ----------------------------------------------------
+
+    def add_client(self, record: dict, pipe=None) -> None:
+        """Register a connected client: ``record`` has sid, namespace, node and info."""
+        r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        sid, node, namespace = record["sid"], record["node"], record["namespace"]
+        r.hset(self.keys.clients, sid, json.dumps(record))
+        r.sadd(self.keys.node_clients(node), sid)
+        r.sadd(self.keys.namespace_clients(namespace), sid)
+        if pipe is None:
+            r.execute()
+
+    def forget_client(self, sid: str, namespace: str, node: str, pipe=None) -> None:
+        """Remove a client with its rooms and session."""
+        k = self.keys
+        self._forget(keys=[k.clients, k.client_rooms(sid), k.session(sid), k.node_clients(node),
+                           k.namespace_clients(namespace)],
+                     args=[sid, k.room_prefix + namespace + ":"], client=pipe)
+
+    def client(self, sid: str) -> Optional[dict]:
+        """The record of a connected client: sid, namespace, node, info, connected_at."""
+        raw = self.redis.hget(self.keys.clients, sid)
+        return json.loads(raw) if raw else None
+
+    def client_node(self, sid: str) -> Optional[str]:
+        record = self.client(sid)
+        return record["node"] if record else None
+
+    def clients(self, namespace: Optional[str] = None) -> List[dict]:
+        """Every connected client, or those of one namespace."""
+        if namespace is None:
+            return [json.loads(v) for v in self.redis.hvals(self.keys.clients)]
+        sids = list(self.redis.smembers(self.keys.namespace_clients(namespace)))
+        return [r for r in self._records(sids) if r is not None]
+
+    def count(self, namespace: Optional[str] = None) -> int:
+        if namespace is None:
+            return self.redis.hlen(self.keys.clients)
+        return self.redis.scard(self.keys.namespace_clients(namespace))
+
+    def node_client_sids(self, node: str) -> List[str]:
+        return list(self.redis.smembers(self.keys.node_clients(node)))
+
+    def _records(self, sids: List[str]) -> List[Optional[dict]]:
+        if not sids:
+            return []
+        return [json.loads(v) if v else None for v in self.redis.hmget(self.keys.clients, sids)]
+
+    # ---- rooms (written by app-nodes) -----------------------------------------------------
+
+    def enter_room(self, sid: str, namespace: str, room: str, pipe=None) -> None:
+        r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        r.sadd(self.keys.room(namespace, room), sid)
+        r.sadd(self.keys.client_rooms(sid), room)
+        if pipe is None:
+            r.execute()
+
+    def leave_room(self, sid: str, namespace: str, room: str, pipe=None) -> None:
+        r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        r.srem(self.keys.room(namespace, room), sid)
+        r.srem(self.keys.client_rooms(sid), room)
+        if pipe is None:
+            r.execute()
+
+    def close_room(self, namespace: str, room: str) -> int:
+        return self._close_room(keys=[self.keys.room(namespace, room)],
+                                args=[room, f"{self.keys.prefix}:rooms:"])
+
+    def rooms(self, sid: str) -> List[str]:
+        """The rooms a client is in (its own sid room not included)."""
+        return sorted(self.redis.smembers(self.keys.client_rooms(sid)))
+
+    def room_members(self, namespace: str, room: str) -> List[str]:
+        """The sids in a room, across every io-node."""
+        return sorted(self.redis.smembers(self.keys.room(namespace, room)))
+
+    def room_clients(self, namespace: str, room: str) -> List[dict]:
+        """The client records of a room's members (for "who is online")."""
+        records = self._records(self.room_members(namespace, room))
+        return [r for r in records if r is not None]
+
+    def room_count(self, namespace: str, room: str) -> int:
+        return self.redis.scard(self.keys.room(namespace, room))
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def get_session(self, sid: str) -> dict:
+        raw = self.redis.get(self.keys.session(sid))
+        return json.loads(raw) if raw else {}
+
+    def save_session(self, sid: str, session: dict) -> None:
+        self.redis.set(self.keys.session(sid), json.dumps(session))
+
+    # ---- nodes ------------------------------------------------------------------------------
+
+    def heartbeat(self, node: str, info: dict, ttl: float) -> None:
+        """Mark a node alive for ``ttl`` seconds, with what others should know of it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.nodes, node, json.dumps(info))
+        pipe.set(self.keys.alive(node), str(time.time()), px=int(ttl * 1000))
+        pipe.execute()
+
+    def remove_node(self, node: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(self.keys.nodes, node)
+        pipe.delete(self.keys.alive(node))
+        pipe.execute()
+
+    def nodes(self, role: Optional[str] = None, alive: Optional[bool] = True) -> Dict[str, dict]:
+        """Registered nodes by id; ``alive=True`` the live ones, ``False`` the dead, ``None``
+        all of them."""
+        infos = {node: json.loads(raw) for node, raw in self.redis.hgetall(self.keys.nodes).items()}
+        if role is not None:
+            infos = {n: i for n, i in infos.items() if i.get("role") == role}
+        if alive is None or not infos:
+            return infos
+        ids = list(infos)
+        pipe = self.redis.pipeline(transaction=False)
+        for node in ids:
+            pipe.exists(self.keys.alive(node))
+        flags = pipe.execute()
+        return {n: infos[n] for n, up in zip(ids, flags) if bool(up) == alive}
+
+
+def chunks(items: Iterable, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,79 @@
+"""Test helpers: free ports, waiting on conditions, and a Socket.IO client that records events."""
+
+import socket
+import time
+
+import gevent
+import gevent.event
+import socketio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=5.0, interval=0.01, message="condition not met"):
+    """Wait for ``predicate()`` to be true (it is re-checked as other greenlets run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} within {timeout}s")
+        gevent.sleep(interval)
+
+
+class EventClient:
+    """A real python-socketio client that keeps every event it receives, in order."""
+
+    def __init__(self, **kwargs):
+        self.sio = socketio.Client(reconnection=False, **kwargs)
+        self.events = []               # (namespace, event, args)
+        self._arrived = gevent.event.Event()
+        self.sio.on("*", self._record, namespace="*")
+
+    def _record(self, event, namespace, *args):
+        self.events.append((namespace, event, list(args)))
+        self._arrived.set()
+
+    def connect_to(self, io_node, transport="websocket", namespaces=None, auth=None):
+        host, port = io_node.address[:2]
+        self.sio.connect(f"http://127.0.0.1:{port}", transports=[transport],
+                         namespaces=namespaces, auth=auth, wait_timeout=5)
+        return self
+
+    @property
+    def sid(self):
+        return self.sio.get_sid("/")
+
+    def received(self, event, namespace="/"):
+        return [args for ns, name, args in self.events if name == event and ns == namespace]
+
+    def expect(self, event, count=1, namespace="/", timeout=5.0):
+        """Wait until ``count`` ``event``s have arrived; returns the args of each."""
+        deadline = time.monotonic() + timeout
+        while len(self.received(event, namespace)) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"expected {count} {event!r} on {namespace}, got "
+                                     f"{self.received(event, namespace)}; all: {self.events}")
+            self._arrived.clear()
+            if len(self.received(event, namespace)) < count:
+                self._arrived.wait(remaining)
+        return self.received(event, namespace)
+
+    def call(self, event, *args, namespace="/", timeout=5.0):
+        """Emit with an ack and return the ack's arguments as a list."""
+        answer = gevent.event.AsyncResult()
+        self.sio.emit(event, args[0] if len(args) == 1 else tuple(args) if args else None,
+                      namespace=namespace, callback=lambda *a: answer.set(list(a)))
+        return answer.get(timeout=timeout)
+
+    def close(self):
+        try:
+            self.sio.disconnect()
+        except Exception:
+            pass
