@@ -497,4 +497,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the canonical module's main, not this __main__ copy: its classes would be strangers
+    # to the ones the application imports from siocluster
+    from siocluster.appnode import main as _main
+
+    _main()

@@ -383,7 +383,8 @@ def parse_redis_url(url: str) -> dict:
     """Check a Redis URL and return its parts; raises `ConfigError` for a malformed one."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        if "sentinel" not in parts.scheme:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(f"REDIS_URL: {url!r} is malformed ({exc})")
     if parts.scheme not in REDIS_SCHEMES:

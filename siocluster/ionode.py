@@ -175,10 +175,8 @@ class IoNode(Node):
 
     def info(self) -> dict:
         info = super().info()
-        if self.address:
-            host, port = self.address[:2]
-            info.update(internal=host, port=port,
-                        external=self.config.public_host or host)
+        host, port = (self.address or (self.config.http_host, self.config.http_port))[:2]
+        info.update(internal=host, port=port, external=self.config.public_host or host)
         info["clients"] = len(self.clients)
         return info
 
@@ -451,8 +449,11 @@ def main(argv=None) -> None:
     from .config import Config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config, _ = Config.load(argv, prog="python -m siocluster.ionode",
-                            description="Run an io-node: Socket.IO connections <-> Redis.")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m siocluster.ionode",
+                                     description="Run an io-node: Socket.IO connections <-> Redis.")
+    config, _ = Config.load(argv, parser=parser)
     node = IoNode(config)
     node.start()
     try:
@@ -476,4 +477,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the canonical module's main, not this __main__ copy: its classes would be strangers
+    # to the ones the application imports from siocluster
+    from siocluster.ionode import main as _main
+
+    _main()

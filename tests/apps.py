@@ -1,0 +1,12 @@
+"""Apps that tests run in app-node subprocesses (`python -m siocluster.appnode tests.apps:echo`)."""
+
+import os
+
+from siocluster import App
+
+echo = App()
+
+
+@echo.on("echo")
+def _echo(sid, data):
+    return {"echo": data, "pid": os.getpid()}

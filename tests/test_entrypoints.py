@@ -1,0 +1,116 @@
+"""The nodes as their users run them: `python -m ...` and gunicorn, in subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import EventClient, free_port, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Process:
+    def __init__(self, args, env):
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise AssertionError(f"{self.proc.args} did not stop on {sig!r}:\n{out}")
+        return self.proc.returncode, out
+
+
+@pytest.fixture
+def node_env(config):
+    env = dict(os.environ, PYTHONPATH=ROOT, SIOCLUSTER_REDIS_URL=config.redis_url,
+               SIOCLUSTER_PREFIX=config.prefix, SIOCLUSTER_HEARTBEAT_INTERVAL="0.3",
+               SIOCLUSTER_NODE_TTL="1.5")
+    return env
+
+
+def _live(config, role):
+    from siocluster import ClusterState, Keys
+
+    return ClusterState(config.redis_client(), Keys(config.prefix)).nodes(role=role)
+
+
+def _echo_through(port, transport="websocket"):
+    client = EventClient()
+    client.sio.connect(f"http://127.0.0.1:{port}", transports=[transport], wait_timeout=10)
+    try:
+        return client.call("echo", "via " + transport, timeout=10)
+    finally:
+        client.close()
+
+
+def test_python_m_ionode_and_appnode(config, node_env):
+    port = free_port()
+    io = Process([sys.executable, "-m", "siocluster.ionode", "--port", str(port)], node_env)
+    app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo",
+                   "--workers", "2"], node_env)
+    try:
+        wait_until(lambda: _live(config, "io-node") and _live(config, "app-node"), timeout=20,
+                   message="nodes did not register")
+        answer = _echo_through(port)
+        assert answer[0]["echo"] == "via websocket"
+        assert answer[0]["pid"] == app.proc.pid
+    finally:
+        io_code, io_out = io.stop()
+        app_code, app_out = app.stop()
+    assert io_code == 0, io_out
+    assert app_code == 0, app_out
+    assert _live(config, None) == {}      # both deregistered on SIGTERM
+
+
+def test_gunicorn_runs_an_io_node(config, node_env):
+    pytest.importorskip("gunicorn")
+    port = free_port()
+    env = dict(node_env, SIOCLUSTER_HTTP_PORT=str(port))
+    gunicorn = Process([sys.executable, "-m", "gunicorn", "-k",
+                        "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+                        "-b", f"127.0.0.1:{port}", "siocluster.wsgi:application"], env)
+    app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"], node_env)
+    try:
+        wait_until(lambda: _live(config, "app-node"), timeout=20, message="no app-node")
+        wait_until(lambda: gunicorn.proc.poll() is not None or _port_open(port), timeout=20,
+                   message="gunicorn did not listen")
+        assert gunicorn.proc.poll() is None, gunicorn.stop()[1]
+        assert _echo_through(port, "websocket")[0]["echo"] == "via websocket"
+        assert _echo_through(port, "polling")[0]["echo"] == "via polling"
+        assert [n["port"] for n in _live(config, "io-node").values()] == [port]
+    finally:
+        gunicorn_code, gunicorn_out = gunicorn.stop()
+        app.stop()
+    assert gunicorn_code == 0, gunicorn_out
+
+
+def test_entry_point_says_what_to_do_without_redis(node_env):
+    env = dict(node_env, SIOCLUSTER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    proc = subprocess.run([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "cannot reach Redis" in proc.stderr and "REDIS_URL" in proc.stderr
+
+
+def test_unknown_app_is_reported(node_env):
+    proc = subprocess.run([sys.executable, "-m", "siocluster.appnode", "tests.apps:nothing"],
+                          cwd=ROOT, env=node_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "is not a siocluster.App" in proc.stderr
+
+
+def _port_open(port):
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0

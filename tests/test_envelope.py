@@ -1,0 +1,76 @@
+"""Envelopes and command batches: versioned JSON, binary as base64, malformed data refused."""
+
+import json
+
+import pytest
+
+from siocluster import Envelope, MessageError
+from siocluster.envelope import (
+    VERSION,
+    args_to_data,
+    data_to_args,
+    decode_batch,
+    encode_batch,
+    pack_args,
+    unpack_args,
+)
+
+
+def test_event_envelope_round_trip():
+    env = Envelope("event", "/chat", "sid1", "io-1", {"user": "ann"}, event="say",
+                   args=[{"text": "hi"}, 3], ack=True)
+    raw = env.encode()
+    message = json.loads(raw)
+    assert message["v"] == VERSION and message["kind"] == "event" and message["ack"] is True
+    assert {"id", "ts", "node", "client", "attempt"} <= set(message)
+    back = Envelope.decode(raw)
+    assert back == env
+
+
+def test_binary_arguments_travel_as_base64():
+    env = Envelope("event", "/", "s", "n", event="file", args=[{"blob": b"\x00\x01"}, b"raw"])
+    raw = env.encode()
+    assert "\\u0000" not in raw and "bin" in json.loads(raw)
+    assert Envelope.decode(raw).args == [{"blob": b"\x00\x01"}, b"raw"]
+
+
+def test_connect_and_disconnect_envelopes():
+    connect = Envelope("connect", "/", "s", "n", environ={"HTTP_ORIGIN": "x"},
+                       auth={"token": "t"})
+    assert Envelope.decode(connect.encode()).auth == {"token": "t"}
+    assert Envelope.decode(connect.encode()).environ == {"HTTP_ORIGIN": "x"}
+    gone = Envelope("disconnect", "/", "s", "n", reason="transport close")
+    assert Envelope.decode(gone.encode()).reason == "transport close"
+
+
+@pytest.mark.parametrize("raw", [
+    "not json", "[]", json.dumps({"v": 99, "kind": "event"}),
+    json.dumps({"v": VERSION, "kind": "smoke", "id": "1", "ns": "/", "sid": "s", "node": "n"}),
+    json.dumps({"v": VERSION, "kind": "event", "id": "1", "ns": "/", "sid": 5, "node": "n"}),
+    json.dumps({"v": VERSION, "kind": "event", "id": "1", "ns": "/", "sid": "s", "node": "n"}),
+    json.dumps({"v": VERSION, "kind": "event", "id": "1", "ns": "/", "sid": "s", "node": "n",
+                "event": "e", "args": "notalist"}),
+    json.dumps({"v": VERSION, "kind": "event", "id": "1", "ns": "/", "sid": "s", "node": "n",
+                "event": "e", "args": [{"_placeholder": True, "num": 3}], "bin": ["AA=="]}),
+])
+def test_malformed_envelopes_are_refused(raw):
+    with pytest.raises(MessageError):
+        Envelope.decode(raw)
+
+
+def test_command_batches():
+    commands = [{"m": "emit", "ns": "/", "event": "e", **pack_args([b"x", 1])},
+                {"m": "enter_room", "ns": "/", "sid": "s", "room": "r"}]
+    assert decode_batch(encode_batch(commands)) == json.loads(encode_batch(commands))["c"]
+    assert unpack_args(decode_batch(encode_batch(commands))[0]) == [b"x", 1]
+    for bad in ("{}", json.dumps({"v": VERSION, "c": [{"m": "explode"}]}),
+                json.dumps({"v": VERSION, "c": [{"m": "emit", "ns": "/"}]}),
+                json.dumps({"v": VERSION, "c": ["emit"]})):
+        with pytest.raises(MessageError):
+            decode_batch(bad)
+
+
+def test_python_socketio_data_convention():
+    assert data_to_args(None) == [] and args_to_data([]) == ()
+    assert data_to_args((1, 2)) == [1, 2] and args_to_data([1, 2]) == (1, 2)
+    assert data_to_args([1, 2]) == [[1, 2]] and args_to_data([[1, 2]]) == [1, 2]
