@@ -184,6 +184,15 @@ class App:
 
     # ---- sessions and cluster state ---------------------------------------------------------
 
+    @property
+    def redis(self):
+        """The app-node's redis-py client, for the application's own state."""
+        return self._node().redis
+
+    def key(self, *parts: str) -> str:
+        """A Redis key for the application's own data, under the cluster's prefix."""
+        return ":".join((self._node().keys.prefix, "app", *parts))
+
     def get_session(self, sid: str, namespace: Optional[str] = None) -> dict:
         return self._node().state.get_session(sid)
 
