@@ -21,6 +21,8 @@ _EXPORTS = {
     "App": "appnode",
     "AppNode": "appnode",
     "CallTimeout": "appnode",
+    "make_blueprint": "frontend",
+    "make_frontend_server": "frontend",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,198 @@
+"""The frontend-node: a Flask blueprint that tells browsers which io-nodes to connect to.
+
+Register it on any Flask site (the seed's ``makeFrontendServer(server, config)``):
+
+    app = Flask(__name__)
+    app.register_blueprint(make_blueprint(config))     # or: make_frontend_server(app, config)
+
+and a page loads the two scripts, then connects to one of the listed io-nodes:
+
+    <script src="/socket.io.min.js"></script>
+    <script src="/config.js"></script>
+    <script>
+      const servers = window.SIOCLUSTER.ioServers;
+      const socket = io(servers[Math.floor(Math.random() * servers.length)].url);
+    </script>
+
+It serves, under the blueprint's ``url_prefix``:
+
+- ``CLIENT_CONFIG_URL`` (``/config.js``): ``window.SIOCLUSTER = {"ioServers": [...]}``, each
+  io-node as ``{"host", "port", "url"}`` with its external address only;
+- the same data as JSON at the same path ending in ``.json`` (``/config.json``);
+- ``/socket.io.min.js``: the Socket.IO browser client from the local copy that
+  ``make client-js`` fetches, or a redirect to the same version on the public CDN.
+
+The io-nodes listed are ``IO_SERVERS`` when the configuration has them (in their order),
+otherwise the io-nodes alive right now in the Redis heartbeat registry (sorted by host and
+port). Both answers are sent with ``Cache-Control: no-store``: the live list changes.
+"""
+
+import ipaddress
+import json
+import logging
+import os
+from typing import List, Optional
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Flask, Response, jsonify, redirect, request, send_from_directory
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .config import Config, ConfigLike, as_config
+from .state import ClusterState, Keys
+
+# keep in step with scripts/fetch-socketio-client
+CLIENT_VERSION = "4.8.1"
+CLIENT_SCRIPT = "socket.io.min.js"
+CLIENT_CDN_URL = f"https://cdn.socket.io/{CLIENT_VERSION}/{CLIENT_SCRIPT}"
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+NO_STORE = {"Cache-Control": "no-store"}
+UNAVAILABLE = ("the list of io-nodes is unavailable: this frontend-node cannot reach Redis. "
+               "Try again shortly; operators: see the frontend-node's log, check "
+               "SIOCLUSTER_REDIS_URL, or list the io-nodes in IO_SERVERS.")
+
+# A page load waits on this answer, so fail fast instead of redis-py's retries with backoff;
+# the client's own redis_options still win.
+REDIS_OPTIONS = {"socket_connect_timeout": 2.0, "socket_timeout": 2.0,
+                 "retry": Retry(NoBackoff(), 1)}
+
+logger = logging.getLogger("siocluster.frontend")
+
+
+class Frontend:
+    """What one registration of the blueprint serves; `make_blueprint` builds it.
+
+    :param config: the cluster's `Config`.
+    :param static_dir: where the local ``socket.io.min.js`` is (default: the package's).
+    """
+
+    def __init__(self, config: Config, static_dir: Optional[str] = None):
+        self.config = config
+        self.static_dir = static_dir or STATIC_DIR
+        self.state = None
+        if not config.io_servers:
+            redis = config.redis_client(**{**REDIS_OPTIONS, **config.redis_options})
+            self.state = ClusterState(redis, Keys(config.prefix))
+        self._redis_down = False
+
+    def io_servers(self, request_host: str, scheme: str = "http") -> List[dict]:
+        """The io-nodes a browser may use; raises `RedisError` or `OSError` when Redis is down.
+
+        An empty or wildcard external host (``0.0.0.0``, ``::``) becomes ``request_host``,
+        the name the browser used to reach this frontend-node.
+        """
+        if self.config.io_servers:
+            servers = [s.public() for s in self.config.io_servers]
+        else:
+            live = self.state.nodes(role="io-node").values()
+            # a node registers before it listens; until then it has no port to offer
+            servers = sorted({(i.get("external") or "", i["port"]) for i in live if i.get("port")})
+            servers = [{"host": host, "port": port} for host, port in servers]
+        for server in servers:
+            if _is_wildcard(server["host"]):
+                server["host"] = request_host
+            host = f"[{server['host']}]" if ":" in server["host"] else server["host"]
+            server["url"] = f"{scheme}://{host}:{server['port']}"
+        return servers
+
+    def client_config(self) -> Optional[dict]:
+        """The data of ``/config.js`` for the current request, or None when Redis is down."""
+        try:
+            servers = self.io_servers(_request_hostname(), request.scheme)
+        except (RedisError, OSError) as exc:
+            # the browser gets no detail: Redis addresses are internal
+            if not self._redis_down:
+                logger.warning("frontend-node cannot list the io-nodes: Redis at %s: %s",
+                               self.config.effective_redis_url.split("@")[-1], exc)
+            self._redis_down = True
+            return None
+        if self._redis_down:
+            logger.warning("frontend-node: Redis is reachable again")
+            self._redis_down = False
+        return {"ioServers": servers, "clientVersion": CLIENT_VERSION}
+
+    # ---- views -----------------------------------------------------------------------------
+
+    def config_js(self):
+        data = self.client_config()
+        if data is None:
+            body = (f"// siocluster: {UNAVAILABLE}\n"
+                    f"window.SIOCLUSTER = {json.dumps({'ioServers': [], 'error': UNAVAILABLE})};\n")
+            status = 503
+        else:
+            body = ("// siocluster: the io-nodes this page may connect to (a live list)\n"
+                    f"window.SIOCLUSTER = {json.dumps(data)};\n")
+            status = 200
+        return Response(body, status, mimetype="application/javascript", headers=NO_STORE)
+
+    def config_json(self):
+        data = self.client_config()
+        if data is None:
+            response = jsonify(ioServers=[], error=UNAVAILABLE)
+            response.status_code = 503
+        else:
+            response = jsonify(data)
+        response.headers.update(NO_STORE)
+        return response
+
+    def client_js(self):
+        if os.path.isfile(os.path.join(self.static_dir, CLIENT_SCRIPT)):
+            return send_from_directory(self.static_dir, CLIENT_SCRIPT)
+        # no local copy (npm was missing at install): the same version from the public CDN
+        return redirect(CLIENT_CDN_URL, 302)
+
+    def add_routes(self, state) -> None:
+        """Add the views to a blueprint being registered (``state`` is Flask's setup state)."""
+        js_url = self.config.client_config_url
+        json_url = os.path.splitext(js_url)[0] + ".json"
+        state.add_url_rule(js_url, "config_js", self.config_js)
+        state.add_url_rule(json_url, "config_json", self.config_json)
+        state.add_url_rule("/" + CLIENT_SCRIPT, "client_js", self.client_js)
+
+
+def make_blueprint(config: ConfigLike = None, name: str = "siocluster",
+                   url_prefix: Optional[str] = None, static_dir: Optional[str] = None) -> Blueprint:
+    """A Flask blueprint serving ``/config.js``, ``/config.json`` and ``/socket.io.min.js``.
+
+    :param config: a `Config` or a mapping of its keys (the seed's config dict); None reads
+        the ``SIOCLUSTER_*`` keys of the Flask app's config when the blueprint is registered.
+    :param name: the blueprint's name (endpoints are ``<name>.config_js``, ``.config_json``,
+        ``.client_js``, for ``url_for``).
+    :param url_prefix: where the blueprint's URLs live on the site.
+    :param static_dir: the folder holding the local ``socket.io.min.js``.
+    """
+    given = None if config is None else as_config(config)   # a bad config fails here, now
+    blueprint = Blueprint(name, __name__, url_prefix=url_prefix)
+
+    @blueprint.record
+    def register(state):
+        config = given if given is not None else Config.from_flask(state.app.config)
+        Frontend(config, static_dir).add_routes(state)
+
+    return blueprint
+
+
+def make_frontend_server(flask_app: Flask, config: ConfigLike = None, **options) -> Flask:
+    """Register the frontend-node on an existing Flask app and return the app (the seed's
+    ``makeFrontendServer``); ``options`` go to `make_blueprint`."""
+    flask_app.register_blueprint(make_blueprint(config, **options))
+    return flask_app
+
+
+def _is_wildcard(host: str) -> bool:
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def _request_hostname() -> str:
+    """The host the browser asked for, without its port (and without IPv6 brackets)."""
+    try:
+        return urlsplit("//" + request.host).hostname or request.host
+    except ValueError:      # a malformed Host header: it only ever goes back to its sender
+        return request.host
