@@ -21,6 +21,7 @@ _EXPORTS = {
     "App": "appnode",
     "AppNode": "appnode",
     "CallTimeout": "appnode",
+    "PolicyServer": "policy",
     "make_blueprint": "frontend",
     "make_frontend_server": "frontend",
 }

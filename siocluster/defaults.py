@@ -7,6 +7,8 @@ HTTP_HOST = "127.0.0.1"
 HTTP_PORT = 8080
 CLIENT_CONFIG_URL = "/config.js"
 POLICY_PORT = 843
+POLICY_TIMEOUT = 5.0          # seconds a policy client has to send its request
+POLICY_MAX_REQUEST = 64       # bytes of a policy request; more is cut off unanswered
 
 # app-node
 WORKERS = 8                  # greenlets popping the inbox in one app-node
