@@ -24,6 +24,7 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
     monkey.patch_all()
 
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -33,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import gevent
 import gevent.event
 import gevent.local
+from socketio import Namespace
 from socketio import exceptions as sio_exceptions
 
 from .envelope import (
@@ -72,6 +74,7 @@ class App:
 
     def __init__(self):
         self.handlers: Dict[str, Dict[str, Callable]] = {}
+        self.namespace_handlers: Dict[str, Namespace] = {}
         self.node: Optional[AppNode] = None
         # the app-node running the current handler: one App may run in several app-nodes
         self._running = gevent.local.local()
@@ -113,7 +116,29 @@ class App:
                 return handlers[event], (namespace, *args)
             if event not in RESERVED_EVENTS and "*" in handlers:
                 return handlers["*"], (event, namespace, *args)
+        # then a class-based namespace, as python-socketio does; `no-client` is `on_no_client`
+        handler = self.namespace_handlers.get(namespace)
+        if handler is None and "*" in self.namespace_handlers:
+            handler, args = self.namespace_handlers["*"], (namespace, *args)
+        if handler is not None:
+            return functools.partial(handler.trigger_event, event.replace("-", "_")), args
         return None, args
+
+    def register_namespace(self, namespace_handler: Namespace) -> None:
+        """Register a class-based namespace: an instance of a ``socketio.Namespace`` subclass
+        whose ``on_<event>`` methods handle its namespace's events (as in python-socketio)."""
+        if not isinstance(namespace_handler, Namespace):
+            raise ValueError("register_namespace() takes an instance of a socketio.Namespace "
+                             "subclass")
+        namespace_handler._set_server(self)
+        self.namespace_handlers[namespace_handler.namespace] = namespace_handler
+
+    def start_background_task(self, target: Callable, *args, **kwargs):
+        """Run ``target(*args, **kwargs)`` in a greenlet; returns it (python-socketio's API)."""
+        return gevent.spawn(target, *args, **kwargs)
+
+    def sleep(self, seconds: float = 0) -> None:
+        gevent.sleep(seconds)
 
     # ---- commands ---------------------------------------------------------------------------
 
@@ -128,9 +153,12 @@ class App:
         return self.node
 
     def emit(self, event: str, data: Any = None, to=None, room=None, skip_sid=None,
-             namespace: Optional[str] = None, callback: Optional[Callable] = None) -> None:
+             namespace: Optional[str] = None, callback: Optional[Callable] = None,
+             ignore_queue: bool = False) -> None:
         """Emit to one client (its sid), a room (channel), a list of rooms, or everyone in
-        the namespace when ``to`` is None; ``skip_sid`` is a sid or a list of sids."""
+        the namespace when ``to`` is None; ``skip_sid`` is a sid or a list of sids.
+        (``ignore_queue`` is accepted for python-socketio's sake: every emit goes through
+        Redis here.)"""
         to = to if to is not None else room
         if callback is not None:
             if not isinstance(to, str):
@@ -149,13 +177,15 @@ class App:
         node.command(command, node.known_node(to) if isinstance(to, str) else None)
 
     def send(self, data: Any, to=None, room=None, skip_sid=None,
-             namespace: Optional[str] = None, callback: Optional[Callable] = None) -> None:
+             namespace: Optional[str] = None, callback: Optional[Callable] = None,
+             ignore_queue: bool = False) -> None:
         """Emit a ``message`` event."""
         self.emit("message", data, to=to, room=room, skip_sid=skip_sid, namespace=namespace,
                   callback=callback)
 
     def call(self, event: str, data: Any = None, to=None, sid=None,
-             namespace: Optional[str] = None, timeout: Optional[float] = None) -> Any:
+             namespace: Optional[str] = None, timeout: Optional[float] = None,
+             ignore_queue: bool = False) -> Any:
         """Emit to one client and wait for its answer (raises `CallTimeout`)."""
         sid = to if to is not None else sid
         if not isinstance(sid, str):
@@ -177,7 +207,8 @@ class App:
         """The rooms of a client, its own sid room included (as python-socketio)."""
         return [sid, *self._node().state.rooms(sid)]
 
-    def disconnect(self, sid: str, namespace: Optional[str] = None) -> None:
+    def disconnect(self, sid: str, namespace: Optional[str] = None,
+                   ignore_queue: bool = False) -> None:
         node = self._node()
         node.command({"m": "disconnect", "ns": namespace or "/", "sid": sid},
                      node.known_node(sid, lookup=True))
@@ -212,6 +243,18 @@ class App:
 
     def client(self, sid: str) -> Optional[dict]:
         return self._node().state.client(sid)
+
+    def client_info(self, sid: Optional[str] = None) -> Optional[dict]:
+        """The client info that came with the message being handled (what the io-node's
+        `get_client_info` returned for it, with whatever io-node code added since the
+        connect), for the handler's client or ``sid``; for another client, or outside a
+        handler, the info stored at its connect."""
+        node = self._node()
+        envelope = getattr(node._ctx, "envelope", None)
+        if envelope is not None and sid in (None, envelope.sid):
+            return envelope.client
+        record = node.state.client(sid) if sid is not None else None
+        return record["info"] if record else None
 
     def count(self, namespace: Optional[str] = None) -> int:
         return self._node().state.count(namespace)
@@ -280,6 +323,7 @@ class AppNode(Node):
             self._finish(raw, [], dead={"error": f"malformed: {exc}", "raw": raw})
             return
         self.app._running.node = self
+        self._ctx.envelope = envelope
         self._ctx.batch = []
         self._ctx.refused = False
         try:
