@@ -24,6 +24,14 @@ _EXPORTS = {
     "PolicyServer": "policy",
     "make_blueprint": "frontend",
     "make_frontend_server": "frontend",
+    "make_io_listener": "seed",
+    "make_io_server": "seed",
+    "make_listener": "seed",
+    "make_app_server": "seed",
+    "IoListener": "seed",
+    "IoMessage": "seed",
+    "Listener": "seed",
+    "AppMessage": "seed",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
