@@ -39,7 +39,6 @@ from socketio import exceptions as sio_exceptions
 
 from .envelope import (
     Envelope,
-    MessageError,
     args_to_data,
     data_to_args,
     dumps,
@@ -49,7 +48,8 @@ from .envelope import (
     pack_args,
     unpack_args,
 )
-from .node import Node, require_gevent_patch
+from .node import REDIS_DOWN, Backoff, Node, require_gevent_patch
+from .reaper import Reaper, requeue
 
 RESERVED_EVENTS = ("connect", "disconnect", "no-client")
 NOT_HANDLED = object()
@@ -256,6 +256,17 @@ class App:
         record = node.state.client(sid) if sid is not None else None
         return record["info"] if record else None
 
+    def delivery(self) -> Tuple[str, int]:
+        """``(message id, attempt)`` of the message being handled. Delivery is at least
+        once: the id stays the same when a message is handled again (its handler raised, or
+        its app-node died), and ``attempt`` counts the deliveries before (0 the first time),
+        so a handler can be idempotent."""
+        envelope = getattr(self._node()._ctx, "envelope", None)
+        if envelope is None:
+            raise RuntimeError("delivery() tells about the message being handled: call it "
+                               "inside a handler")
+        return envelope.id, envelope.attempt
+
     def count(self, namespace: Optional[str] = None) -> int:
         return self._node().state.count(namespace)
 
@@ -295,6 +306,11 @@ class AppNode(Node):
         self._ctx = gevent.local.local()
         self._seen: OrderedDict[str, str] = OrderedDict()   # sid -> io-node, LRU
         self.handled = 0
+        self.reaper = Reaper(self)
+        self._inflight: Dict[str, int] = {}   # raw envelopes the workers hold right now
+        # after a Redis blip: None, True (look at the processing list), or the set of
+        # messages no worker held at the first look (moved back if still unheld at the next)
+        self._recover_due = None
 
     def start(self):
         require_gevent_patch("app-node")
@@ -302,22 +318,97 @@ class AppNode(Node):
         super().start()
         for n in range(self.config.workers):
             self.spawn_loop(self._work_step, f"worker-{n}")
+        self.spawn_loop(self._reap_step, "reaper")
         self.logger.info("app-node %s started with %d workers", self.id, self.config.workers)
         return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Take no new messages, finish the ones in flight (at most ``timeout`` seconds),
+        give back any still unfinished, and deregister."""
+        self.stopping.set()
+        busy = sum(self._inflight.values())
+        if busy:
+            self.logger.info("app-node %s: finishing %d message(s) in flight", self.id, busy)
+        self.join(timeout)
+        try:
+            left = self._give_back_all()
+        except REDIS_DOWN:
+            # still registered: once our heartbeat lapses the reaper hands them over
+            self.logger.warning("app-node %s stopped without Redis: the reaper will hand its "
+                                "unfinished messages to other app-nodes", self.id)
+            return
+        if left:
+            self.logger.warning("app-node %s: %d handler(s) still running after %.1fs; their "
+                                "messages went back to the inbox", self.id, left, timeout)
+        super().stop(0.1)
+
+    def _give_back_all(self) -> int:
+        """Every message left in our processing list (its handler was killed) goes back."""
+        left = self.redis.lrange(self.processing, 0, -1)
+        requeue(self.redis, self.keys, self.processing, left, node=self.id,
+                max_attempts=self.config.max_attempts, script=self.reaper._move,
+                error=f"app-node {self.id} stopped before its handler finished")
+        return len(left)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def _work_step(self):
         raw = self.redis.blmove(self.keys.inbox, self.processing, self.config.pop_timeout,
                                 "RIGHT", "LEFT")
-        if raw is not None:
+        if raw is None:
+            return
+        # registered before anything can yield, so `_recover` never takes a held message
+        self._inflight[raw] = self._inflight.get(raw, 0) + 1
+        try:
+            if self.stopping.is_set():
+                # popped while stop() waited: not ours to start any more, first in line again
+                requeue(self.redis, self.keys, self.processing, [raw], node=self.id,
+                        max_attempts=self.config.max_attempts, count_attempt=False,
+                        error="", script=self.reaper._move)
+                return
             self.handle(raw)
+        finally:
+            if self._inflight[raw] > 1:
+                self._inflight[raw] -= 1
+            else:
+                del self._inflight[raw]
+
+    def _reap_step(self):
+        self.stopping.wait(self.config.heartbeat_interval / 2)
+        if not self.stopping.is_set():
+            self._recover()
+            self.reaper.step()
+
+    def _redis_back(self) -> None:
+        was_down = self._redis_down_since is not None
+        super()._redis_back()
+        if was_down:
+            self._recover_due = True
+
+    def _recover(self) -> None:
+        """After a Redis blip, give back the messages of our processing list that no worker
+        holds: a pop whose reply was lost with the connection never reached a worker."""
+        if self._recover_due is None:
+            return
+        unheld = {raw for raw in self.redis.lrange(self.processing, 0, -1)
+                  if raw not in self._inflight}
+        if self._recover_due is True:
+            # a pop's reply may be on its way to a worker right now: look again next round
+            self._recover_due = unheld or None
+            return
+        orphans, self._recover_due = unheld & self._recover_due, None
+        requeue(self.redis, self.keys, self.processing, list(orphans), node=self.id,
+                max_attempts=self.config.max_attempts, count_attempt=False, error="",
+                script=self.reaper._move)
+        if orphans:
+            self.logger.warning("app-node %s: %d message(s) popped while Redis went away went "
+                                "back to the inbox", self.id, len(orphans))
 
     def handle(self, raw: str) -> None:
         """Handle one raw envelope taken from the inbox into the processing list."""
         try:
             envelope = Envelope.decode(raw)
-        except MessageError as exc:
+        except Exception as exc:     # MessageError, or a field of the wrong type
             self.logger.error("app-node %s: malformed message moved to %s: %s (%.200r)",
                               self.id, self.keys.dead, exc, raw)
             self._finish(raw, [], dead={"error": f"malformed: {exc}", "raw": raw})
@@ -328,6 +419,12 @@ class AppNode(Node):
         self._ctx.refused = False
         try:
             self.dispatch(envelope)
+        except REDIS_DOWN as exc:
+            # not the message's fault: again later, without counting an attempt
+            self._ctx.batch = None
+            self._redis_lost("handler", exc)
+            self._finish(raw, [], retry=envelope.encode())
+            return
         except Exception as exc:
             self.logger.exception("app-node %s: handler failed on %s %r of %s (attempt %d): %s",
                                   self.id, envelope.kind, envelope.event, envelope.sid,
@@ -345,6 +442,21 @@ class AppNode(Node):
 
     def _finish(self, raw: str, batch, dead: Optional[dict] = None, retry: Optional[str] = None,
                 forget: Optional[Envelope] = None):
+        """Write what a handled message left behind, retrying while Redis is unreachable:
+        the handler ran, so its commands wait here until Redis takes them."""
+        backoff = Backoff()
+        while True:
+            try:
+                self._finish_once(raw, batch, dead, retry, forget)
+            except REDIS_DOWN as exc:
+                self._redis_lost("finish", exc)
+                gevent.sleep(backoff.next())
+                continue
+            self._redis_back()
+            return
+
+    def _finish_once(self, raw: str, batch, dead: Optional[dict], retry: Optional[str],
+                     forget: Optional[Envelope]):
         """One round trip: the handler's commands, the state of a client that left, and the
         message off the processing list."""
         pipe = self.redis.pipeline(transaction=False)

@@ -25,6 +25,7 @@ import gevent
 import gevent.event
 import gevent.queue
 import socketio
+from redis.exceptions import ResponseError
 from socketio import packet as sio_packet
 from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 
@@ -38,7 +39,7 @@ from .envelope import (
     pack_args,
     unpack_args,
 )
-from .node import Node, require_gevent_patch
+from .node import REDIS_DOWN, Node, require_gevent_patch
 
 # The part of a WSGI environ that travels to app-nodes with a connect: JSON-safe strings only.
 ENVIRON_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "QUERY_STRING", "PATH_INFO", "SERVER_NAME",
@@ -53,6 +54,55 @@ def safe_environ(environ: dict) -> dict:
 def _stream_id(entry_id: str):
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+# What a refused client message is told: errors say what to do.
+OUTBOX_FULL = "server busy: the cluster cannot take messages right now, try again shortly"
+INBOX_FULL = "server busy: too many messages are waiting, try again shortly"
+NOT_TEXT = "message refused: it is not valid UTF-8 text"
+
+# Push a batch of envelopes to the inbox in order, refusing connects and events that would
+# take it over its maximum length; a disconnect is never refused (its client is gone either
+# way, and the app tier must hear of it). KEYS: inbox; ARGV: maxlen, then kind and envelope
+# for each. Returns the 0-based positions of the refused ones.
+_PUSH = """
+local room = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1])
+local refused = {}
+for i = 2, #ARGV, 2 do
+  if ARGV[i] == 'disconnect' or room > 0 then
+    redis.call('LPUSH', KEYS[1], ARGV[i + 1])
+    room = room - 1
+  else
+    refused[#refused + 1] = (i - 2) / 2
+  end
+end
+return refused
+"""
+
+
+def same_host_origins(origin: str, environ: dict) -> bool:
+    """The default CORS check: an ``Origin`` on the io-node's own host, any port (the
+    frontend-node on the same host, as `make run-cluster` and a reverse proxy set it up)."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    hosts = {environ.get("HTTP_HOST", ""), environ.get("HTTP_X_FORWARDED_HOST", "")}
+    hosts = {urlsplit("//" + h.split(",")[0].strip()).hostname for h in hosts if h}
+    return host is not None and host in hosts
+
+
+class Outgoing:
+    """An envelope queued for the inbox, with what is needed to refuse it later."""
+
+    __slots__ = ("raw", "record", "kind", "id", "sid", "namespace", "event", "ack_id")
+
+    def __init__(self, raw, record, envelope: Envelope, ack_id=None):
+        self.raw, self.record, self.ack_id = raw, record, ack_id
+        self.kind, self.id, self.sid = envelope.kind, envelope.id, envelope.sid
+        self.namespace, self.event = envelope.namespace, envelope.event
 
 
 class Client:
@@ -94,8 +144,11 @@ class IoNode(Node):
         c = self.config
         if sio is None:
             options = {"async_mode": "gevent", "namespaces": "*",
-                       "cors_allowed_origins": c.cors_allowed_origins,
-                       "max_http_buffer_size": c.max_message_size,
+                       # never '*' unless configured: a foreign page's handshake gets a 400
+                       "cors_allowed_origins": c.cors_allowed_origins or same_host_origins,
+                       # Engine.IO's hard cap cuts the connection; ours (`max_message_size`,
+                       # on the envelope) stays below it so the client is told why instead
+                       "max_http_buffer_size": 2 * c.max_message_size + 64 * 1024,
                        # our handlers never block on events, so spare a greenlet per event
                        "async_handlers": False}
             options.update(server_options)
@@ -109,11 +162,17 @@ class IoNode(Node):
         sio._handle_event_internal = self._on_event
         self.wsgi_app = socketio.WSGIApp(sio)
         self.clients: Dict[str, Client] = {}
-        self.outbox = gevent.queue.Queue(maxsize=c.outbox_size)
-        self._unsent: List[tuple] = []
+        # bounded by `outbox_size` for connects and events; disconnects always get in
+        self.outbox = gevent.queue.Queue()
+        self._unsent: List[Outgoing] = []
+        self._push = self.redis.register_script(_PUSH)
         self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)
         self._pending_connects: Dict[str, gevent.event.AsyncResult] = {}
         self.last_ids: Dict[str, str] = {}
+        # entries ever added to each stream up to its last id (None on Redis < 7), to tell
+        # when entries not read yet were trimmed away
+        self._stream_seq: Dict[str, Optional[int]] = {}
+        self._check_streams_due = False
         self.hooks: Dict[str, List[Callable]] = {}
         self.address = None
 
@@ -126,8 +185,7 @@ class IoNode(Node):
         require_gevent_patch("io-node")
         self.check_redis()
         for stream in (self.keys.commands, self.keys.node_commands(self.id)):
-            last = self.redis.xrevrange(stream, count=1)
-            self.last_ids[stream] = last[0][0] if last else "0-0"
+            self.last_ids[stream], self._stream_seq[stream] = self._stream_tip(stream)
         super().start()
         self.spawn_loop(self._push_step, "push")
         self.spawn_loop(self._listen_step, "listen")
@@ -136,9 +194,10 @@ class IoNode(Node):
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Disconnect every client (they move to other io-nodes), flush, and deregister."""
+        """Take no new connections, close every client's (they reconnect, to another
+        io-node), push their disconnects to the inbox, and deregister."""
         if getattr(self, "_server", None) is not None:
-            self._server.stop(timeout=0)       # take no new connections
+            self._server.stop(timeout=0)       # closes the listener; connections stay
         # closing the Engine.IO connections (not a Socket.IO disconnect) makes clients
         # reconnect by themselves, to another io-node
         try:
@@ -148,6 +207,15 @@ class IoNode(Node):
         deadline = time.monotonic() + timeout
         while (self._unsent or not self.outbox.empty()) and time.monotonic() < deadline:
             gevent.sleep(0.05)
+        unsent = len(self._unsent) + self.outbox.qsize()
+        if unsent:
+            # still registered: once our heartbeat lapses, the reaper tells the app tier
+            # that our clients are gone
+            self.stopping.set()
+            self.join(max(0.1, deadline - time.monotonic()))
+            self.logger.warning("io-node %s stopped with %d message(s) it could not push; "
+                                "the reaper will disconnect its clients", self.id, unsent)
+            return
         super().stop(max(0.1, deadline - time.monotonic()))
         try:
             self.redis.delete(self.keys.node_commands(self.id))
@@ -221,9 +289,10 @@ class IoNode(Node):
         verdict = gevent.event.AsyncResult()
         self._pending_connects[envelope.id] = verdict
         try:
-            if not self._enqueue(envelope, client):
+            refusal = self._queue(envelope, client)
+            if refusal is not None:
                 self.clients.pop(sid, None)
-                raise SioConnectionRefused("server busy, try another io-node")
+                raise SioConnectionRefused(refusal)
             try:
                 ok, error = verdict.get(timeout=self.config.connect_timeout)
             except gevent.Timeout:
@@ -259,9 +328,10 @@ class IoNode(Node):
         if ack_id is not None:
             self._pending_acks[envelope.id] = (eio_sid, namespace, ack_id,
                                                time.monotonic() + self.config.ack_timeout)
-        if not self._enqueue(envelope, client):
+        refusal = self._queue(envelope, client, ack_id)
+        if refusal is not None:
             self._pending_acks.pop(envelope.id, None)
-            self._refuse(client, event, ack_id, "server busy, message not accepted")
+            self._refuse(client, event, ack_id, refusal)
             return
         self.fire("socket message", client, event, args)
 
@@ -271,9 +341,11 @@ class IoNode(Node):
             return
         envelope = Envelope("disconnect", namespace, sid, self.id, self.get_client_info(client),
                             reason=str(reason) if reason is not None else None)
-        if not self._enqueue(envelope, client, wait=True):
-            self.logger.error("io-node %s: outbox full, disconnect of %s not queued",
-                              self.id, sid)
+        refusal = self._queue(envelope, client)
+        if refusal is not None:
+            self.logger.error("io-node %s: the disconnect of %s cannot be encoded (%s); the "
+                              "reaper will tell the app tier when this node stops",
+                              self.id, sid, refusal)
         self.fire("socket disconnect", client)
 
     def _take_token(self, client: Client) -> bool:
@@ -299,20 +371,35 @@ class IoNode(Node):
                       namespace=client.namespace)
 
     def _enqueue(self, envelope: Envelope, client: Client, wait: bool = False) -> bool:
+        """Queue an envelope for the inbox; False when it was refused (see `_queue`)."""
+        return self._queue(envelope, client) is None
+
+    def _queue(self, envelope: Envelope, client: Client, ack_id=None) -> Optional[str]:
+        """Queue an envelope for the inbox, or say why not: too large, not text, or the
+        outbox is full (Redis unreachable or slow). A disconnect is never turned away for
+        space: there is one per client, so the outbox stays bounded all the same."""
+        raw = envelope.encode()
+        try:
+            size = len(raw.encode("utf-8"))
+        except UnicodeEncodeError:
+            # a lone surrogate: Redis could never take it, and the pusher would retry forever
+            return NOT_TEXT
+        if envelope.kind != "disconnect":
+            limit = self.config.max_message_size
+            if size > limit:
+                return f"message too large: {size} bytes, the limit is {limit} bytes"
+            if self.outbox.qsize() >= self.config.outbox_size:
+                return OUTBOX_FULL
         record = None
         if envelope.kind == "connect":
             record = {"sid": client.sid, "namespace": client.namespace, "node": self.id,
                       "info": envelope.client, "connected_at": envelope.ts}
-        item = (envelope.encode(), record)
-        try:
-            self.outbox.put(item, timeout=1.0 if wait else None) if wait \
-                else self.outbox.put_nowait(item)
-        except gevent.queue.Full:
-            return False
-        return True
+        self.outbox.put_nowait(Outgoing(raw, record, envelope, ack_id))
+        return None
 
     def _push_step(self):
-        """Send queued envelopes to the inbox, many per round trip; resend after a failure."""
+        """Send queued envelopes to the inbox, many per round trip, in order; resend after
+        a failure; refuse what would take the inbox over ``inbox_maxlen``."""
         if not self._unsent:
             try:
                 self._unsent.append(self.outbox.get(timeout=self.config.pop_timeout))
@@ -323,19 +410,97 @@ class IoNode(Node):
                     self._unsent.append(self.outbox.get_nowait())
                 except gevent.queue.Empty:
                     break
-        pipe = self.redis.pipeline(transaction=False)
-        for _, record in self._unsent:
-            if record is not None:
-                # registered before its connect reaches the inbox, so app-nodes find it
-                self.state.add_client(record, pipe)
-        # LPUSH of several values keeps their order for a consumer popping the other end
-        pipe.lpush(self.keys.inbox, *[raw for raw, _ in self._unsent])
-        pipe.execute()
-        self._unsent = []
+        # one transaction: a connect's client record is there when an app-node pops it
+        pipe = self.redis.pipeline(transaction=True)
+        args = [self.config.inbox_maxlen]
+        for item in self._unsent:
+            args += [item.kind, item.raw]
+        # LPUSH in order keeps the order for a consumer popping the other end
+        self._push(keys=[self.keys.inbox], args=args, client=pipe)
+        for item in self._unsent:
+            if item.record is not None:
+                self.state.add_client(item.record, pipe)
+        refused = pipe.execute()[0]
+        sent, self._unsent = self._unsent, []
+        for index in refused:
+            self._refused_by_inbox(sent[int(index)])
+
+    def _refused_by_inbox(self, item: Outgoing) -> None:
+        if item.kind == "connect":
+            verdict = self._pending_connects.get(item.id)
+            if verdict is not None:
+                verdict.set((False, {"message": INBOX_FULL}))
+            try:
+                self.state.forget_client(item.sid, item.namespace, self.id)
+            except REDIS_DOWN:
+                self.logger.warning("io-node %s: could not remove refused client %s",
+                                    self.id, item.sid)
+            return
+        self._pending_acks.pop(item.id, None)
+        client = self.clients.get(item.sid)
+        if client is not None:
+            self._refuse(client, item.event, item.ack_id, INBOX_FULL)
 
     # ---- commands -> clients ----------------------------------------------------------------
 
+    def _stream_tip(self, stream: str):
+        """The last id of a stream, and how many entries were ever added to it (Redis 7)."""
+        try:
+            info = self.redis.xinfo_stream(stream)
+        except ResponseError:
+            return "0-0", 0          # no such stream yet
+        added = info.get("entries-added")
+        return info["last-generated-id"], int(added) if added is not None else None
+
+    def _check_streams(self) -> None:
+        """Warn, with how many, when command batches this io-node had not read yet were
+        trimmed away (``stream_maxlen``) during an outage or while it lagged behind."""
+        for stream, last in list(self.last_ids.items()):
+            seq = self._stream_seq.get(stream)
+            try:
+                info = self.redis.xinfo_stream(stream)
+            except ResponseError:
+                continue             # no such stream (yet)
+            added = info.get("entries-added")
+            if seq is None or added is None:
+                continue             # Redis < 7 does not count what it trimmed
+            trimmed = int(added) - int(info["length"])
+            if int(added) < seq:
+                # the stream was deleted and made anew: count from here
+                self._stream_seq[stream] = trimmed
+            elif trimmed > seq:
+                first = info.get("first-entry")
+                first_id = first[0] if first else info["last-generated-id"]
+                span = (_stream_id(first_id)[0] - _stream_id(last)[0]) / 1000
+                self.logger.warning(
+                    "io-node %s: %d command batch(es) of %s, written in the %.1fs after %s, "
+                    "were trimmed before this io-node read them (the stream keeps about %d); "
+                    "its clients missed those commands. Raise STREAM_MAXLEN to ride out "
+                    "longer outages.", self.id, trimmed - seq, stream, max(0.0, span), last,
+                    self.config.stream_maxlen)
+                self._stream_seq[stream] = trimmed
+
+    def _redis_back(self) -> None:
+        was_down = self._redis_down_since is not None
+        super()._redis_back()
+        if was_down:
+            self._check_streams_due = True
+
+    def reaped(self) -> None:
+        """The cluster took this io-node for dead and told the app tier its clients left:
+        close their connections so they reconnect and connect anew."""
+        super().reaped()
+        clients, self.clients = self.clients, {}
+        for eio_sid in {client.eio_sid for client in clients.values()}:
+            try:
+                self.sio.eio.disconnect(eio_sid)
+            except Exception:
+                self.logger.exception("io-node %s: closing %s", self.id, eio_sid)
+
     def _listen_step(self):
+        if self._check_streams_due:
+            self._check_streams_due = False
+            self._check_streams()
         count = defaults.COMMAND_BATCH
         reply = self.redis.xread(dict(self.last_ids), count=count,
                                  block=int(self.config.pop_timeout * 1000))
@@ -350,11 +515,15 @@ class IoNode(Node):
                 # so commands of the two streams stay in the order they were written
                 last = _stream_id(items[-1][0])
                 cap = last if cap is None else min(cap, last)
+                # far behind: make sure nothing is trimmed before we get there
+                self._check_streams_due = True
         entries.sort(key=lambda e: e[0])
         for key, stream, entry_id, fields in entries:
             if cap is not None and key > cap:
                 break
             self.last_ids[stream] = entry_id
+            if self._stream_seq.get(stream) is not None:
+                self._stream_seq[stream] += 1
             try:
                 commands = decode_batch(fields.get("b"))
             except MessageError as exc:

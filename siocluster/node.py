@@ -7,6 +7,7 @@ message. `stop()` sets the flag and `join()` waits, so tests start and stop real
 in-process.
 """
 
+import json
 import logging
 import socket
 import time
@@ -19,9 +20,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import defaults
 from .config import Config, as_config
+from .reaper import tombstone_key
 from .state import ClusterState, Keys
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# A heartbeat that finds the tombstone the reaper left tells its node it was given up for
+# dead. KEYS: nodes, alive, tombstone; ARGV: node id, info, now, ttl in ms.
+_HEARTBEAT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return redis.call('DEL', KEYS[3])
+"""
 
 
 def require_gevent_patch(role: str) -> None:
@@ -69,6 +79,9 @@ class Node:
         self._greenlets = []
         self._redis_down_since = None
         self.started_at = time.time()
+        # when this node's Redis connection last came back (0: it never broke)
+        self.redis_up_since = 0.0
+        self._heartbeat_script = self.redis.register_script(_HEARTBEAT)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -149,6 +162,7 @@ class Node:
             self.logger.warning("%s %s: Redis is back after %.1fs", self.role, self.id,
                                 time.time() - self._redis_down_since)
             self._redis_down_since = None
+            self.redis_up_since = time.time()
 
     # ---- heartbeat --------------------------------------------------------------------------
 
@@ -158,7 +172,21 @@ class Node:
                 "started_at": self.started_at}
 
     def heartbeat(self) -> None:
-        self.state.heartbeat(self.id, self.info(), self.config.node_ttl)
+        """Mark this node alive for ``node_ttl`` seconds in the registry."""
+        k = self.keys
+        reaped = self._heartbeat_script(
+            keys=[k.nodes, k.alive(self.id), tombstone_key(k, self.id)],
+            args=[self.id, json.dumps(self.info()), str(time.time()),
+                  int(self.config.node_ttl * 1000)])
+        if reaped:
+            self.reaped()
+
+    def reaped(self) -> None:
+        """Called when this node comes back after the cluster took it for dead and cleaned
+        up after it (a pause or a network partition longer than ``node_ttl``)."""
+        self.logger.error("%s %s was taken for dead (no heartbeat for %.0fs) and cleaned up "
+                          "after; it is registered again", self.role, self.id,
+                          self.config.node_ttl)
 
     def _heartbeat_step(self):
         self.heartbeat()
