@@ -11,7 +11,7 @@ The handlers are the same lines; ``sio`` is a `siocluster.App` instead of a
 
 Clients connect to either io-node. To try it in one process instead::
 
-    python examples/moved_from_python_socketio/chat_after.py       # on 127.0.0.1:8000
+    python examples/moved_from_python_socketio/chat_after.py --redis-url redis://...  # :8000
 """
 
 if __name__ == "__main__":  # an entry point: patch before anything imports socket or ssl
@@ -59,6 +59,8 @@ def disconnect(sid, reason):
 
 
 if __name__ == "__main__":
-    # a one-process try-out: an io-node and an app-node side by side (Redis on localhost)
-    siocluster.AppNode(sio).start()
-    siocluster.IoNode().start().serve(("127.0.0.1", 8000))
+    # a one-process try-out: an io-node and an app-node side by side; the flags of
+    # `python -m siocluster.ionode` apply (--redis-url, --port, ...)
+    config, _ = siocluster.Config.load(http_port=8000)
+    siocluster.AppNode(sio, config).start()
+    siocluster.IoNode(config).start().serve()
