@@ -138,7 +138,21 @@ class App:
         return gevent.spawn(target, *args, **kwargs)
 
     def sleep(self, seconds: float = 0) -> None:
+        """Sleep cooperatively; in a handler, what it emitted so far is sent first (a long
+        handler's progress reaches clients as python-socketio's would)."""
+        self.flush()
         gevent.sleep(seconds)
+
+    def flush(self) -> None:
+        """Send the commands the running handler made so far now, not when it returns
+        (emits are otherwise sent together, in order, as the handler returns). In a
+        connect handler it waits: the client is let in only when the handler returns."""
+        node = getattr(self._running, "node", None) or self.node
+        if node is None:
+            return
+        envelope = getattr(node._ctx, "envelope", None)
+        if envelope is None or envelope.kind != "connect":
+            node.flush()
 
     # ---- commands ---------------------------------------------------------------------------
 

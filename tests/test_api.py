@@ -302,6 +302,30 @@ def test_send_emit_to_rooms_and_background_tasks(cluster):
     assert red.expect("tock", count=3) == [[0], [1], [2]]
 
 
+def test_a_long_handler_sends_progress_when_it_sleeps(cluster):
+    app = App()
+    release = gevent.event.Event()
+
+    @app.on("work")
+    def work(sid):
+        app.emit("progress", 1, to=sid)
+        app.sleep(0)                 # sends the progress now, not when the handler returns
+        release.wait(5)
+        app.emit("progress", 2, to=sid)
+        return "done"
+
+    io = cluster.io_node()
+    cluster.app_node(app)
+    client = cluster.client(io)
+    answer = gevent.event.AsyncResult()
+    client.sio.emit("work", callback=answer.set)
+    assert client.expect("progress") == [[1]]
+    assert not answer.ready()        # the handler is still at work
+    release.set()
+    assert answer.get(timeout=5) == "done"
+    assert client.expect("progress", count=2) == [[1], [2]]
+
+
 def test_rooms_close_room_and_disconnect_handler_reads_rooms_and_session(cluster):
     app = App()
     gone = gevent.queue.Queue()
