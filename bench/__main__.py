@@ -1,0 +1,217 @@
+"""``python -m bench`` (``make bench``): siocluster and its baselines, side by side.
+
+Starts its own redis-server, each system in turn (siocluster's io-nodes and app-nodes;
+one python-socketio process; two python-socketio processes sharing a RedisManager) and
+load generator processes, runs the scenarios, prints a table and writes every figure with
+the command and the machine to ``bench/results/bench-<time>.json``::
+
+    python -m bench                      # the full run: about 10 minutes on 2 cores
+    python -m bench --quick              # tiny sizes: checks that it works
+    python -m bench --scenarios echo,fanout --systems siocluster,single
+
+BENCHMARKS.md says what each figure means.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+from bench import report, scenarios
+from bench.report import REDISMANAGER, SINGLE, SIOCLUSTER
+from bench.systems import (
+    ROOT,
+    BenchError,
+    Generators,
+    Redis,
+    raise_file_limit,
+    start_baseline,
+    start_cluster,
+)
+
+SCENARIOS = ("redis", "echo", "fanout", "connections")
+SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER}
+
+FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "rooms": 30,
+        "fanout_start": 200.0, "fanout_factor": 1.5, "fanout_steps": 10, "fanout_refine": 2,
+        "connections": 10000, "redis_requests": 50000}
+QUICK = {"duration": 0.6, "warmup": 0.2, "echo_clients": 20, "rooms": 2,
+         "fanout_start": 40.0, "fanout_factor": 2.0, "fanout_steps": 1, "fanout_refine": 0,
+         "connections": 200, "redis_requests": 2000}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and short windows (the smoke test's run)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated, of {','.join(SCENARIOS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEM_NAMES),
+                        help=f"comma-separated, of {','.join(SYSTEM_NAMES)}")
+    parser.add_argument("--generators", type=int, default=3,
+                        help="load generator processes")
+    parser.add_argument("--io-nodes", type=int, default=2, help="siocluster io-nodes")
+    parser.add_argument("--app-nodes", type=int, default=1, help="siocluster app-nodes")
+    parser.add_argument("--workers", type=int, default=32,
+                        help="greenlets popping the inbox in each app-node")
+    sizes = parser.add_argument_group("sizes (defaults: full run; --quick makes them tiny)")
+    sizes.add_argument("--duration", type=float, help="seconds of each measured window")
+    sizes.add_argument("--warmup", type=float, help="seconds before each window")
+    sizes.add_argument("--echo-clients", type=int, help="clients in the echo scenario")
+    sizes.add_argument("--rooms", type=int, help="chat rooms of 10 clients")
+    sizes.add_argument("--fanout-start", type=float,
+                       help="messages in per second of the first fan-out step")
+    sizes.add_argument("--fanout-factor", type=float, help="rate growth per step")
+    sizes.add_argument("--fanout-steps", type=int, help="most steps up")
+    sizes.add_argument("--fanout-refine", type=int,
+                       help="steps between the last rate held and the first missed")
+    sizes.add_argument("--connections", type=int, help="idle connections to open")
+    sizes.add_argument("--redis-requests", type=int, help="redis-benchmark requests per test")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"),
+                        help="directory of the JSON result")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.scenarios = _choices(parser, "--scenarios", args.scenarios, SCENARIOS)
+    args.systems = [SYSTEM_NAMES[s] for s in
+                    _choices(parser, "--systems", args.systems, tuple(SYSTEM_NAMES))]
+    if args.generators < 1:
+        parser.error("--generators: at least 1")
+    return args
+
+
+def _choices(parser, flag, value, allowed):
+    chosen = [v.strip().lower() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def start_system(name: str, redis: Redis, logdir: str, args):
+    if name == SIOCLUSTER:
+        return start_cluster(redis, logdir, io_nodes=args.io_nodes, app_nodes=args.app_nodes,
+                             workers=args.workers)
+    if name == SINGLE:
+        return start_baseline(logdir)
+    return start_baseline(logdir, processes=2, redis=redis, tag="redismanager")
+
+
+def run(args, logdir: str) -> dict:
+    results = {"command": "python -m bench " + shlex.join(sys.argv[1:]),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+               "load_average_before": list(os.getloadavg()), "settings": {
+                   k: v for k, v in vars(args).items() if k != "out"},
+               "systems": {}}
+    with Redis.start(logdir) as redis:
+        results["machine"] = report.machine(redis.version())
+        generators = Generators.start(args.generators, logdir)
+        try:
+            if "redis" in args.scenarios:
+                say("redis-benchmark: the raw Redis ceiling")
+                results["redis_ceiling"] = scenarios.redis_ceiling(redis, args.redis_requests)
+            for name in args.systems:
+                redis.flush()
+                figures = results["systems"].setdefault(name, {})
+                if "echo" in args.scenarios or "fanout" in args.scenarios:
+                    system = start_system(name, redis, logdir, args)
+                    figures["processes"] = {role: len(pids) for role, pids in
+                                            system.pids().items()}
+                    try:
+                        if "echo" in args.scenarios:
+                            say(f"{name}: echo, {args.echo_clients} clients")
+                            figures["echo"] = scenarios.echo(
+                                system, generators, redis, args.echo_clients, args.warmup,
+                                args.duration)
+                        if "fanout" in args.scenarios:
+                            say(f"{name}: chat fan-out, {args.rooms} rooms of 10")
+                            figures["fanout"] = scenarios.fanout(
+                                system, generators, redis, args.rooms, args.fanout_start,
+                                args.fanout_factor, args.fanout_steps, args.fanout_refine,
+                                args.warmup, args.duration)
+                        system.check()
+                    finally:
+                        system.stop()
+                if "connections" in args.scenarios and name != REDISMANAGER:
+                    # one io-node (and the app-node its connects need), or one process
+                    redis.flush()
+                    say(f"{name}: {args.connections} idle connections")
+                    system = (start_cluster(redis, logdir, io_nodes=1, app_nodes=1,
+                                            workers=args.workers, tag="conn")
+                              if name == SIOCLUSTER else start_baseline(logdir, tag="conn"))
+                    try:
+                        pid = system.pids()["io-node" if name == SIOCLUSTER else "server"][0]
+                        figures["connections"] = scenarios.connections(
+                            system, generators, pid, args.connections, settle=args.warmup)
+                    finally:
+                        system.stop()
+        finally:
+            generators.stop()
+        _derive(results)
+    results["load_average_after"] = list(os.getloadavg())
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    results["goals"] = report.goals(results)
+    return results
+
+
+def _derive(results: dict) -> None:
+    """siocluster's rates against what Redis alone allows for its commands per message."""
+    ceiling = results.get("redis_ceiling")
+    ours = results["systems"].get(SIOCLUSTER, {})
+    if not ceiling or not ours:
+        return
+    bound, measured = {}, {}
+    peak = report._get(ours, "echo", "peak")
+    if peak:
+        bound["echo_round_trips_per_s"] = scenarios.redis_bound(
+            peak["redis_per_message"]["by_command"], ceiling)
+        measured["echo_round_trips_per_s"] = peak["round_trips_per_s"]
+    best = report._get(ours, "fanout", "best_held")
+    if best:
+        bound["fanout_messages_in_per_s"] = scenarios.redis_bound(
+            best["redis_per_message"]["by_command"], ceiling)
+        measured["fanout_messages_in_per_s"] = best["in_per_s"]
+    ceiling["bound"], ceiling["measured"] = bound, measured
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    raise_file_limit()
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="siocluster-bench-") as logdir:
+        try:
+            results = run(args, logdir)
+        except BenchError as exc:
+            print(f"bench failed: {exc}", file=sys.stderr)
+            return 1
+    path = os.path.join(args.out, f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    m = results["machine"]
+    print(f"siocluster bench: {m['cores']} cores {m['cpu_model']}, {m['memory_gib']} GiB, "
+          f"Python {m['python']}, redis-server {m['redis_server']}")
+    print(f"command: {results['command']}")
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*results["load_average_before"])
+          + ", after: {:.2f} {:.2f} {:.2f}".format(*results["load_average_after"]))
+    print()
+    print(report.table(results))
+    text = report.redis_table(results)
+    if text:
+        print("\n[raw Redis ceiling: redis-benchmark, 50 clients]")
+        print(text)
+    print("\n[goals]")
+    print(report.goals_table(results["goals"]))
+    print(f"\nall figures: {os.path.relpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""What a bench run tells: the machine it ran on, the side-by-side table, and the goals.
+
+`machine()` describes the host (cores, CPU model, memory, Python, package versions, load);
+`table(results)` renders the figures of all systems with siocluster's as ratios to the
+others; `goals(results)` checks the issue's targets. The JSON file holds all of it plus
+every step's raw figures.
+"""
+
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+from typing import List, Optional
+
+from bench.systems import ROOT
+
+PACKAGES = ("siocluster", "python-socketio", "python-engineio", "gevent", "gevent-websocket",
+            "redis", "websocket-client")
+SIOCLUSTER, SINGLE, REDISMANAGER = "siocluster", "single process", "RedisManager"
+SYSTEMS = (SIOCLUSTER, SINGLE, REDISMANAGER)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def machine(redis_version: Optional[str] = None) -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown")
+    mem_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
+                    if line.startswith("MemTotal:")), 0)
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cores": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kib / 2**20, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "packages": versions, "redis_server": redis_version, "commit": commit or None}
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+def _get(data, *path):
+    for key in path:
+        if not isinstance(data, dict) or data.get(key) is None:
+            return None
+        data = data[key]
+    return data
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _ratio(ours, theirs) -> str:
+    if not ours or not theirs:
+        return "-"
+    return f"{ours / theirs:.2f}x"
+
+
+ROWS = [
+    # label, path in a system's results; None marks a section heading
+    ("echo", None),
+    ("round trips/s (peak)", ("echo", "peak", "round_trips_per_s")),
+    ("p50 ms at peak", ("echo", "peak", "p50_ms")),
+    ("p99 ms at peak", ("echo", "peak", "p99_ms")),
+    ("round trips/s at half peak", ("echo", "half_peak", "round_trips_per_s")),
+    ("p50 ms at half peak", ("echo", "half_peak", "p50_ms")),
+    ("p99 ms at half peak", ("echo", "half_peak", "p99_ms")),
+    ("Redis commands per round trip", ("echo", "peak", "redis_per_message", "total")),
+    ("load generator cores at peak", ("echo", "peak", "window", "cores", "load generator")),
+    ("machine cores busy at peak", ("echo", "peak", "window", "machine_cores")),
+    ("chat fan-out (rooms of 10, p99 < 100 ms)", None),
+    ("messages in/s held", ("fanout", "best_held", "in_per_s")),
+    ("deliveries out/s held", ("fanout", "best_held", "out_per_s")),
+    ("p50 ms delivery at that rate", ("fanout", "best_held", "p50_ms")),
+    ("p99 ms delivery at that rate", ("fanout", "best_held", "p99_ms")),
+    ("deliveries out/s, highest step", ("fanout", "peak_out_per_s")),
+    ("Redis commands per message in", ("fanout", "best_held", "redis_per_message", "total")),
+    ("load generator cores", ("fanout", "best_held", "window", "cores", "load generator")),
+    ("idle connections on one server process", None),
+    ("connections held", ("connections", "held")),
+    ("RSS KB per connection", ("connections", "rss_per_connection_kb")),
+    ("connects/s", ("connections", "connects_per_s")),
+]
+
+
+def table(results: dict) -> str:
+    systems = [s for s in SYSTEMS if s in results["systems"]]
+    header = ["", *systems]
+    if SIOCLUSTER in systems:
+        header += [f"vs {s}" for s in systems if s != SIOCLUSTER]
+    rows: List[List[str]] = []
+    for label, path in ROWS:
+        if path is None:
+            rows.append([f"[{label}]"])
+            continue
+        values = [_get(results["systems"][s], *path) for s in systems]
+        if all(v is None for v in values):
+            continue
+        row = [label, *(_fmt(v) for v in values)]
+        if SIOCLUSTER in systems:
+            ours = values[systems.index(SIOCLUSTER)]
+            row += [_ratio(ours, values[i]) for i, s in enumerate(systems) if s != SIOCLUSTER]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows] if len(r) > i) for i in range(len(header))]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
+                       enumerate(zip(header, widths)))]
+    for row in rows:
+        if len(row) == 1:
+            lines.append(row[0])
+            continue
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                               enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def redis_table(results: dict) -> str:
+    ceiling = results.get("redis_ceiling")
+    if not ceiling:
+        return ""
+    depth = ceiling["pipeline"]
+    lines = [f"{'command':<8} {'ops/s, 1 per round trip':>24} "
+             f"{f'ops/s, {depth} per round trip':>25}"]
+    for name, row in ceiling["commands"].items():
+        lines.append(f"{name:<8} {row['ops_per_s_p1']:>24,.0f} "
+                     f"{row[f'ops_per_s_p{depth}']:>25,.0f}")
+    for label, key in (("echo", "echo_round_trips_per_s"), ("chat", "fanout_messages_in_per_s")):
+        bound = ceiling.get("bound", {}).get(key)
+        ours = ceiling.get("measured", {}).get(key)
+        if bound:
+            lines.append(f"{label}: siocluster's commands per message allow {bound:,.0f}/s from "
+                         f"Redis alone; measured {_fmt(ours)}/s ({_ratio(ours, bound)} of it)")
+    return "\n".join(lines)
+
+
+# ---- the goals of the issue -------------------------------------------------------------------
+
+def goals(results: dict) -> List[dict]:
+    systems = results["systems"]
+    ours = systems.get(SIOCLUSTER, {})
+    out = []
+
+    def goal(name, value, target, ok):
+        out.append({"goal": name, "value": value, "target": target,
+                    "met": None if ok is None else bool(ok)})
+
+    fan = _get(ours, "fanout", "best_held", "out_per_s")
+    for other, factor in ((REDISMANAGER, 1.5), (SINGLE, 0.5)):
+        theirs = _get(systems.get(other, {}), "fanout", "best_held", "out_per_s")
+        ratio = round(fan / theirs, 2) if fan and theirs else None
+        goal(f"fan-out deliveries/s >= {factor}x {other}", ratio, factor,
+             None if ratio is None else ratio >= factor)
+    p99 = _get(ours, "echo", "half_peak", "p99_ms")
+    goal("echo p99 ms at half the peak rate < 20", p99, 20, None if p99 is None else p99 < 20)
+    held = _get(ours, "connections", "held")
+    asked = _get(ours, "connections", "asked")
+    goal(f"idle connections held on one io-node (of {asked})", held, 10000,
+         None if held is None else held >= 10000)
+    rss = _get(ours, "connections", "rss_per_connection_kb")
+    goal("RSS KB per idle connection < 40", rss, 40, None if rss is None else rss < 40)
+    return out
+
+
+def goals_table(items: List[dict]) -> str:
+    marks = {True: "met", False: "NOT met", None: "not measured"}
+    return "\n".join(f"{marks[g['met']]:>12}  {g['goal']}: {_fmt(g['value'])}" for g in items)

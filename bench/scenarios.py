@@ -1,0 +1,295 @@
+"""The scenarios, driven from the bench's process: each returns plain figures (a dict).
+
+A scenario tells the generators what to do at a wall-clock time a little ahead, so all of
+them start together, and measures a window after a warm-up: while it runs, `Window` reads
+the CPU time of every process involved and Redis's ``INFO commandstats``, so every figure
+comes with who was busy producing it.
+"""
+
+import math
+import subprocess
+import time
+from typing import Dict, List, Optional
+
+from bench.stats import Histogram, cpu_seconds, machine_busy_seconds, rss_kib
+from bench.systems import BenchError, Generators, Redis, System
+
+ROOM_SIZE = 10
+LATENCY_GOAL = 0.100       # fan-out: the highest rate held with p99 under this (seconds)
+HELD_SEND_RATIO = 0.95     # ... and the generators managed to send this share of the rate
+
+
+class Window:
+    """CPU seconds per group of processes, and Redis command calls, over a time window."""
+
+    def __init__(self, groups: Dict[str, List[int]], redis: Optional[Redis]):
+        self.groups, self.redis = groups, redis
+
+    def _snapshot(self):
+        cpu = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in self.groups.items()}
+        calls = self.redis.commandstats() if self.redis is not None else {}
+        return time.monotonic(), machine_busy_seconds(), cpu, calls
+
+    def start(self) -> None:
+        self.begin = self._snapshot()
+
+    def stop(self) -> dict:
+        end = self._snapshot()
+        wall = end[0] - self.begin[0]
+        cores = {group: round((end[2][group] - self.begin[2][group]) / wall, 3)
+                 for group in self.groups}
+        calls = {name: count - self.begin[3].get(name, 0) for name, count in end[3].items()
+                 if count - self.begin[3].get(name, 0) > 0}
+        # INFO itself and the snapshot's own calls are the bench's, not the system's
+        calls.pop("info", None)
+        return {"seconds": round(wall, 3), "cores": cores,
+                "machine_cores": round((end[1] - self.begin[1]) / wall, 3), "redis_calls": calls}
+
+
+def process_groups(system: System, generators: Generators, redis: Optional[Redis]):
+    groups = dict(system.pids())
+    groups["load generator"] = generators.pids
+    if redis is not None:
+        groups["redis-server"] = [redis.pid]
+    return groups
+
+
+def _timed(generators: Generators, op: str, window: Window, warmup: float, duration: float,
+           commands: List[dict]) -> (List[dict], dict):
+    """Run ``op`` on every generator from a moment shortly ahead; measure its window."""
+    start_at = time.time() + 0.3
+    for command in commands:
+        command.update(start_at=start_at, warmup=warmup, duration=duration)
+    generators.send(op, commands)
+    time.sleep(max(0.0, start_at + warmup - time.time()))
+    window.start()
+    time.sleep(max(0.0, start_at + warmup + duration - time.time()))
+    measured = window.stop()
+    return generators.collect(op, timeout=duration + 120), measured
+
+
+def _split(total: int, parts: int) -> List[int]:
+    return [total // parts + (1 if n < total % parts else 0) for n in range(parts)]
+
+
+def connect(generators: Generators, urls: List[str], clients: int, room_size: int = 0,
+            concurrency: int = 100) -> dict:
+    """Open ``clients`` connections over the generators, numbered so rooms stay whole."""
+    counts = _split(clients, len(generators))
+    if room_size:
+        # whole rooms per generator, so room numbers are not shared between generators
+        rooms = _split(clients // room_size, len(generators))
+        counts = [r * room_size for r in rooms]
+    firsts = [sum(counts[:n]) for n in range(len(counts))]
+    started = time.monotonic()
+    replies = generators.each("connect", [
+        {"urls": urls, "first": first, "count": count, "room_size": room_size,
+         "concurrency": concurrency} for first, count in zip(firsts, counts)],
+        timeout=600)
+    connected = sum(r["connected"] for r in replies)
+    errors = [e for r in replies for e in r["errors"]]
+    return {"asked": sum(counts), "connected": connected, "errors": errors[:3],
+            "seconds": round(time.monotonic() - started, 3),
+            "per_generator": [r["connected"] for r in replies]}
+
+
+def _shares(rate: float, opened: dict) -> List[dict]:
+    """``rate`` split over the generators in proportion to the clients each holds."""
+    total = opened["connected"] or 1
+    return [{"rate": rate * n / total} for n in opened["per_generator"]]
+
+
+def _percentiles(hist: Histogram) -> dict:
+    def ms(p):
+        value = hist.percentile(p)
+        return round(value * 1000, 3) if math.isfinite(value) else None
+    return {"p50_ms": ms(50), "p99_ms": ms(99)}
+
+
+def per_message(calls: Dict[str, int], messages: int) -> dict:
+    """Redis commands per client message, by command and in all."""
+    if not messages:
+        return {"total": None, "by_command": {}}
+    by = {name: round(count / messages, 3) for name, count in sorted(calls.items())}
+    return {"total": round(sum(calls.values()) / messages, 3), "by_command": by}
+
+
+# ---- echo ---------------------------------------------------------------------------------
+
+def echo(system: System, generators: Generators, redis: Optional[Redis], clients: int,
+         warmup: float, duration: float) -> dict:
+    """Round trips: every client emits and waits for its ack (the peak), then an open
+    loop at half the peak rate for the latency a system shows with room to spare."""
+    opened = connect(generators, system.urls, clients)
+    if opened["connected"] < clients:
+        raise BenchError(f"echo: only {opened['connected']} of {clients} clients connected "
+                         f"to {system.name}: {opened['errors']}")
+    groups = process_groups(system, generators, redis)
+    try:
+        replies, window = _timed(generators, "echo", Window(groups, redis), warmup, duration,
+                                 [{} for _ in range(len(generators))])
+        acked = sum(r["acked"] for r in replies)
+        hist = Histogram.merged(r["hist"] for r in replies)
+        peak = {"round_trips_per_s": round(acked / duration, 1), **_percentiles(hist),
+                "errors": sum(r["errors"] for r in replies), "window": window,
+                "redis_per_message": per_message(window["redis_calls"], acked)}
+        half_rate = peak["round_trips_per_s"] / 2
+        replies, window = _timed(generators, "echo", Window(groups, redis), warmup, duration,
+                                 _shares(half_rate, opened))
+        acked = sum(r["acked"] for r in replies)
+        hist = Histogram.merged(r["hist"] for r in replies)
+        half = {"target_per_s": round(half_rate, 1), "round_trips_per_s": round(
+            acked / duration, 1), **_percentiles(hist), "lost": sum(r["lost"] for r in replies),
+            "window": window}
+    finally:
+        generators.run("close")
+        system.wait_idle()
+    return {"clients": clients, "connect": opened, "peak": peak, "half_peak": half}
+
+
+# ---- chat fan-out ---------------------------------------------------------------------------
+
+def fanout_step(generators: Generators, groups, redis, opened: dict, rate: float, step: int,
+                warmup: float, duration: float) -> dict:
+    generators.run("quiet")
+    commands = [{**share, "step": step} for share in _shares(rate, opened)]
+    replies, window = _timed(generators, "fanout", Window(groups, redis), warmup, duration,
+                             commands)
+    sent = sum(r["sent"] for r in replies)
+    delivered = sum(r["delivered"] for r in replies)
+    hist = Histogram.merged(r["hist"] for r in replies)
+    lost = max(0, sent * ROOM_SIZE - delivered)
+    hist.add_lost(lost)
+    result = {"target_in_per_s": round(rate, 1), "in_per_s": round(sent / duration, 1),
+              "out_per_s": round(sum(r["delivered_in_window"] for r in replies) / duration, 1),
+              **_percentiles(hist), "lost": lost, "window": window,
+              "redis_per_message": per_message(window["redis_calls"], sent)}
+    p99 = hist.percentile(99)
+    result["held"] = bool(sent >= HELD_SEND_RATIO * rate * duration and p99 < LATENCY_GOAL)
+    return result
+
+
+def fanout(system: System, generators: Generators, redis: Optional[Redis], rooms: int,
+           start_rate: float, factor: float, max_steps: int, refine: int, warmup: float,
+           duration: float) -> dict:
+    """Rooms of ten, members spread over the system's servers, every member sending; the
+    rate of messages in steps up until p99 delivery latency passes 100 ms, then is refined
+    between the last rate held and the first missed."""
+    clients = rooms * ROOM_SIZE
+    opened = connect(generators, system.urls, clients, room_size=ROOM_SIZE)
+    if opened["connected"] < clients:
+        raise BenchError(f"fan-out: only {opened['connected']} of {clients} clients joined "
+                         f"{system.name}: {opened['errors']}")
+    groups = process_groups(system, generators, redis)
+    steps: List[dict] = []
+    try:
+        rate, good, bad = start_rate, None, None
+        for _ in range(max_steps):
+            result = fanout_step(generators, groups, redis, opened, rate, len(steps) + 1, warmup,
+                                 duration)
+            steps.append(result)
+            if not result["held"]:
+                bad = rate
+                break
+            good = rate
+            rate *= factor
+        for _ in range(refine if bad is not None else 0):
+            low = good if good is not None else bad / factor
+            rate = (low * bad) ** 0.5
+            result = fanout_step(generators, groups, redis, opened, rate, len(steps) + 1, warmup,
+                                 duration)
+            steps.append(result)
+            if result["held"]:
+                good = rate
+            else:
+                bad = rate
+    finally:
+        generators.run("close")
+        system.wait_idle()
+    held = [s for s in steps if s["held"]]
+    best = max(held, key=lambda s: s["out_per_s"]) if held else None
+    return {"rooms": rooms, "room_size": ROOM_SIZE, "clients": clients, "connect": opened,
+            "best_held": best, "peak_out_per_s": max(s["out_per_s"] for s in steps),
+            "steps": steps}
+
+
+# ---- idle connections -----------------------------------------------------------------------
+
+def connections(system: System, generators: Generators, pid: int, clients: int,
+                settle: float = 2.0) -> dict:
+    """Idle websocket connections on one server process (``pid``) and its RSS each."""
+    # a first crowd loads every code path and fills the allocator's pools
+    warm = connect(generators, system.urls[:1], 10 * len(generators))
+    generators.run("close")
+    if warm["connected"] == 0:
+        raise BenchError(f"connections: no client could connect to {system.name}: "
+                         f"{warm['errors']}")
+    system.wait_idle()
+    time.sleep(settle)
+    before = rss_kib(pid)
+    opened = connect(generators, system.urls[:1], clients, concurrency=50)
+    time.sleep(settle)
+    after = rss_kib(pid)
+    alive = sum(r["alive"] for r in generators.run("alive"))
+    generators.run("close")
+    system.wait_idle()
+    held = min(alive, opened["connected"])
+    return {"asked": clients, "held": held, "connect_seconds": opened["seconds"],
+            "connects_per_s": round(opened["connected"] / opened["seconds"], 1)
+            if opened["seconds"] else None,
+            "errors": opened["errors"], "rss_before_kib": before, "rss_after_kib": after,
+            "rss_per_connection_kb": round((after - before) * 1.024 / held, 2) if held else None}
+
+
+# ---- the raw Redis ceiling ------------------------------------------------------------------
+
+PAYLOAD = "x" * 300        # about the size of an envelope or command batch in the hot path
+
+REDIS_COMMANDS = {
+    # name as INFO commandstats reports it: the command line redis-benchmark runs
+    "lpush": ["LPUSH", "bench:inbox", PAYLOAD],
+    "blmove": ["BLMOVE", "bench:inbox", "bench:inbox", "RIGHT", "LEFT", "1"],
+    "lrem": ["LREM", "bench:processing", "1", "absent"],
+    "xadd": ["XADD", "bench:commands", "MAXLEN", "~", "100000", "*", "b", PAYLOAD],
+    "xread": ["XREAD", "COUNT", "10", "STREAMS", "bench:commands", "0-0"],
+}
+
+
+def redis_ceiling(redis: Redis, requests: int, pipeline: int = 16) -> dict:
+    """``redis-benchmark`` on the bench's redis-server for the hot path's commands: one
+    command per round trip, and ``pipeline`` per round trip."""
+    import shutil
+
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise BenchError("redis-benchmark is not installed: it comes with redis-server "
+                         "(Debian's redis-tools); run `make install`")
+    results = {}
+    for name, command in REDIS_COMMANDS.items():
+        row = {}
+        for depth in (1, pipeline):
+            out = subprocess.run(
+                [exe, "-h", "127.0.0.1", "-p", str(redis.port), "-c", "50",
+                 "-n", str(requests * depth), "-P", str(depth), "--csv", *command],
+                capture_output=True, text=True, timeout=300)
+            lines = [ln for ln in out.stdout.splitlines() if ln and not ln.startswith('"test"')]
+            if out.returncode != 0 or not lines:
+                raise BenchError(f"redis-benchmark {name} failed: {out.stderr or out.stdout}")
+            row[f"ops_per_s_p{depth}"] = float(lines[-1].split('","')[1])
+        results[name] = row
+    redis.flush()
+    return {"requests": requests, "pipeline": pipeline, "clients": 50, "commands": results}
+
+
+def redis_bound(per_msg: Dict[str, float], ceiling: dict, key: str = "ops_per_s_p1") -> \
+        Optional[float]:
+    """Client messages per second Redis could serve if it did nothing but these commands,
+    at the rates redis-benchmark measured; commands it did not measure count as LPUSH."""
+    if not per_msg:
+        return None
+    commands = ceiling["commands"]
+    seconds = 0.0
+    for name, count in per_msg.items():
+        rate = commands.get(name, commands["lpush"])[key]
+        seconds += count / rate
+    return round(1 / seconds, 1) if seconds else None

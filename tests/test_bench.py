@@ -1,0 +1,94 @@
+"""`python -m bench --quick`: the benchmark still runs end to end and reports every figure.
+
+It is a smoke test of the harness, not a performance test: the machine may be busy, so
+nothing here compares timings; it checks that each scenario produced its numbers.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-results")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--generators", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=100)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    files = glob.glob(str(out / "bench-*.json"))
+    assert len(files) == 1, files
+    with open(files[0]) as f:
+        return proc.stdout, json.load(f)
+
+
+def test_table_has_every_section(quick_run):
+    stdout, _ = quick_run
+    for heading in ("[echo]", "[chat fan-out", "[idle connections", "[raw Redis ceiling",
+                    "[goals]", "round trips/s (peak)", "deliveries out/s, highest step",
+                    "RSS KB per connection", "vs single process", "vs RedisManager"):
+        assert heading in stdout, f"{heading!r} missing from:\n{stdout}"
+
+
+def test_json_has_the_command_and_the_machine(quick_run):
+    _, results = quick_run
+    assert results["command"].startswith("python -m bench --quick")
+    machine = results["machine"]
+    assert machine["cores"] > 0 and machine["memory_gib"] > 0
+    assert machine["packages"]["python-socketio"] and machine["redis_server"]
+    assert len(results["load_average_before"]) == 3 and len(results["load_average_after"]) == 3
+
+
+def test_every_system_has_positive_figures(quick_run):
+    _, results = quick_run
+    systems = results["systems"]
+    assert set(systems) == {"siocluster", "single process", "RedisManager"}
+    for name, figures in systems.items():
+        peak = figures["echo"]["peak"]
+        assert peak["round_trips_per_s"] > 0, name
+        assert 0 < peak["p50_ms"] <= peak["p99_ms"], name
+        assert figures["echo"]["half_peak"]["round_trips_per_s"] > 0, name
+        assert peak["window"]["cores"]["load generator"] > 0, name
+        fanout = figures["fanout"]
+        assert fanout["peak_out_per_s"] > 0, name
+        assert fanout["steps"][0]["in_per_s"] > 0, name
+        if name != "RedisManager":
+            connections = figures["connections"]
+            assert connections["held"] == connections["asked"] > 0, name
+            assert connections["rss_per_connection_kb"] > 0, name
+
+
+def test_redis_figures(quick_run):
+    _, results = quick_run
+    for name, row in results["redis_ceiling"]["commands"].items():
+        assert row["ops_per_s_p1"] > 0 and row["ops_per_s_p16"] > 0, name
+    ours = results["systems"]["siocluster"]
+    # every siocluster message goes through Redis; RedisManager publishes each broadcast
+    assert ours["echo"]["peak"]["redis_per_message"]["total"] > 0
+    assert ours["fanout"]["steps"][0]["redis_per_message"]["by_command"]["xadd"] > 0
+    redismanager = results["systems"]["RedisManager"]["fanout"]["steps"][0]
+    assert redismanager["redis_per_message"]["by_command"]["publish"] > 0
+    assert results["redis_ceiling"]["bound"]["echo_round_trips_per_s"] > 0
+
+
+def test_goals_are_reported(quick_run):
+    _, results = quick_run
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert len(goals) == 5
+    # measured in every run: the echo latency and the connections
+    assert goals["echo p99 ms at half the peak rate < 20"]["met"] in (True, False)
+    assert goals["RSS KB per idle connection < 40"]["met"] in (True, False)
+    # fan-out ratios need a rate held by both systems, which a busy machine may deny
+    held = {name: figures["fanout"]["best_held"] is not None
+            for name, figures in results["systems"].items()}
+    for other in ("RedisManager", "single process"):
+        goal = next(g for name, g in goals.items() if name.endswith(other))
+        assert (goal["met"] is None) == (not (held["siocluster"] and held[other])), goal
