@@ -427,6 +427,9 @@ def make_redis(url: str, options: Optional[dict] = None):
         "socket_connect_timeout": defaults.REDIS_CONNECT_TIMEOUT,
         "socket_keepalive": True,
         "health_check_interval": defaults.REDIS_HEALTH_CHECK_INTERVAL,
+        # bytes that are not UTF-8 (garbage anyone pushed) read back as they are and match
+        # themselves when written back, so a reader skips them instead of failing on them
+        "encoding_errors": "surrogateescape",
     }
     opts.update(options or {})
     parts = parse_redis_url(url)

@@ -60,6 +60,7 @@ def _stream_id(entry_id: str):
 OUTBOX_FULL = "server busy: the cluster cannot take messages right now, try again shortly"
 INBOX_FULL = "server busy: too many messages are waiting, try again shortly"
 NOT_TEXT = "message refused: it is not valid UTF-8 text"
+CLOSING = "this io-node is shutting down: connect to another"
 
 # Push a batch of envelopes to the inbox in order, refusing connects and events that would
 # take it over its maximum length; a disconnect is never refused (its client is gone either
@@ -174,6 +175,7 @@ class IoNode(Node):
         self._stream_seq: Dict[str, Optional[int]] = {}
         self._check_streams_due = False
         self.hooks: Dict[str, List[Callable]] = {}
+        self._closing = False
         self.address = None
 
     def __call__(self, environ, start_response):
@@ -196,15 +198,25 @@ class IoNode(Node):
     def stop(self, timeout: float = 10.0) -> None:
         """Take no new connections, close every client's (they reconnect, to another
         io-node), push their disconnects to the inbox, and deregister."""
-        if getattr(self, "_server", None) is not None:
-            self._server.stop(timeout=0)       # closes the listener; connections stay
-        # closing the Engine.IO connections (not a Socket.IO disconnect) makes clients
-        # reconnect by themselves, to another io-node
-        try:
-            self.sio.eio.disconnect()
-        except Exception:
-            self.logger.exception("io-node %s: disconnecting clients", self.id)
         deadline = time.monotonic() + timeout
+        self._closing = True                   # connects from now on are refused
+        # dropping the Engine.IO connections, without a Socket.IO disconnect or even an
+        # Engine.IO close packet (after which python-socketio's client gives up), makes
+        # every client reconnect by itself, to another io-node
+        sockets = list(self.sio.eio.sockets.values())
+        for socket in sockets:
+            try:
+                # no waiting: a polling client may never come back for its last answer
+                socket.close(wait=False, abort=True,
+                             reason=self.sio.eio.reason.SERVER_DISCONNECT)
+            except Exception:
+                self.logger.exception("io-node %s: closing %s", self.id, socket.sid)
+        # polling clients learn it with their next request: a moment for it
+        drain = min(deadline, time.monotonic() + 2.0)
+        while any(not s.queue.empty() for s in sockets) and time.monotonic() < drain:
+            gevent.sleep(0.05)
+        if getattr(self, "_server", None) is not None:
+            self._server.stop(timeout=0)       # closes the listener
         while (self._unsent or not self.outbox.empty()) and time.monotonic() < deadline:
             gevent.sleep(0.05)
         unsent = len(self._unsent) + self.outbox.qsize()
@@ -280,6 +292,8 @@ class IoNode(Node):
     # ---- client -> inbox --------------------------------------------------------------------
 
     def _on_connect(self, namespace, sid, environ, auth=None):
+        if self._closing:
+            raise SioConnectionRefused(CLOSING)
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         client = Client(sid, namespace, eio_sid, self.client_info(sid, namespace, environ),
                         self.config.rate_burst)
@@ -388,7 +402,7 @@ class IoNode(Node):
             limit = self.config.max_message_size
             if size > limit:
                 return f"message too large: {size} bytes, the limit is {limit} bytes"
-            if self.outbox.qsize() >= self.config.outbox_size:
+            if self.outbox.qsize() + len(self._unsent) >= self.config.outbox_size:
                 return OUTBOX_FULL
         record = None
         if envelope.kind == "connect":

@@ -7,15 +7,24 @@ state a real node leaves behind; tests/test_faults.py kills real processes.
 """
 
 import json
+import logging
+import pickle
+import shutil
 import time
 import uuid
 
 import gevent
+import gevent.event
+import pytest
+import redis
+import socketio
 
-from siocluster import App, AppNode, ClusterState, Keys
+from siocluster import App, AppNode, ClusterState, Config, IoNode, Keys
 from siocluster.envelope import Envelope, encode_batch
+from siocluster.ionode import INBOX_FULL, OUTBOX_FULL
 from siocluster.reaper import DIED_REASON, Reaper, tombstone_key
-from tests.helpers import wait_until
+from tests.conftest import Cluster, RedisServer
+from tests.helpers import EventClient, wait_until
 
 
 def recording_app(log):
@@ -39,6 +48,10 @@ def recording_app(log):
         message_id, attempt = app.delivery()
         log.append(("fail", message_id, attempt))
         raise ValueError(f"cannot take {data!r}")
+
+    @app.on("bcast")
+    def bcast(sid, data):
+        app.emit("bcast", data)          # to everyone: through the stream every io-node reads
 
     @app.event
     def disconnect(sid, reason):
@@ -163,3 +176,250 @@ def test_a_node_taken_for_dead_closes_its_connections_when_it_comes_back(cluster
     assert other.call("rec", 2) == ["ok"]
     assert [entry for entry in log if entry[0] == "disconnect"] == []
     assert fenced.id in ClusterState(redis_client, fenced.keys).nodes()
+
+
+def test_a_poison_message_ends_in_the_dead_letter_list_and_the_rest_keeps_flowing(cluster,
+                                                                                  redis_client):
+    log = []
+    io = cluster.io_node()
+    node = cluster.app_node(recording_app(log), max_attempts=3)
+    client = cluster.client(io)
+    client.sio.emit("fail", "poison")
+    for n in range(5):
+        assert client.call("rec", n) == ["ok"]
+    wait_until(lambda: redis_client.llen(node.keys.dead) == 1, message="not dead-lettered")
+    dead = json.loads(redis_client.lindex(node.keys.dead, 0))
+    assert dead["error"] == "ValueError: cannot take 'poison'"
+    assert Envelope.decode(dead["raw"]).attempt == 3
+    tries = [(message_id, attempt) for kind, message_id, attempt in log if kind == "fail"]
+    assert [attempt for _, attempt in tries] == [0, 1, 2]
+    assert len({message_id for message_id, _ in tries}) == 1     # one message, three deliveries
+    assert [args for kind, args, _ in log if kind == "rec"] == [[n] for n in range(5)]
+    assert redis_client.llen(node.processing) == 0
+
+
+# ---- backpressure and outages ---------------------------------------------------------------
+
+def test_a_full_inbox_refuses_events_and_connects_but_never_a_disconnect(cluster, config,
+                                                                        redis_client):
+    keys = Keys(config.prefix)
+    # no app-node yet: nothing drains the inbox; the connect is let in when no verdict comes
+    io = cluster.io_node(inbox_maxlen=5, connect_timeout=0.5)
+    client = cluster.client(io)
+    assert redis_client.llen(keys.inbox) == 1                  # its connect
+    answers = gevent.queue.Queue()
+    for n in range(10):
+        client.sio.emit("rec", n, callback=lambda *a, n=n: answers.put((n, list(a))))
+    refused = sorted(answers.get(timeout=5) for _ in range(6))
+    assert refused == [(n, [{"ok": False, "error": INBOX_FULL}]) for n in range(4, 10)]
+    assert [args[0]["error"] for args in client.expect("error", 6)] == [INBOX_FULL] * 6
+    assert redis_client.llen(keys.inbox) == 5
+
+    late = EventClient()
+    refusal = gevent.event.AsyncResult()
+    late.sio.on("connect_error", refusal.set)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        late.connect_to(io)
+    assert refusal.get(timeout=1) == {"message": INBOX_FULL}
+    wait_until(lambda: ClusterState(redis_client, keys).count() == 1,
+               message="the refused client's record stayed")
+    client.close()
+    wait_until(lambda: redis_client.llen(keys.inbox) == 6, message="the disconnect was refused")
+
+    log = []
+    cluster.app_node(recording_app(log), workers=1)
+    wait_until(lambda: len(log) == 5, message="the accepted messages were not handled")
+    assert log[:4] == [("rec", [n], 0) for n in range(4)]
+    assert log[4][0] == "disconnect"
+    assert answers.empty()      # the accepted ones were answered to a client that left
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of the test's own that keeps its data across a restart."""
+    server = RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    yield server
+    server.kill()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_cluster(own_redis):
+    config = Config(redis_url=own_redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}",
+                    pop_timeout=0.2, heartbeat_interval=0.3, node_ttl=1.5, connect_timeout=3.0,
+                    call_timeout=3.0, workers=2, rate_limit=0)
+    cluster = Cluster(config)
+    yield cluster
+    cluster.stop()
+
+
+def test_events_wait_in_the_outbox_while_redis_is_down_and_past_its_bound_are_refused(
+        own_redis, own_cluster):
+    log = []
+    io = own_cluster.io_node(outbox_size=5)
+    own_cluster.app_node(recording_app(log), workers=1)
+    client = own_cluster.client(io)
+    assert client.call("rec", "before") == ["ok"]
+
+    own_redis.stop()
+    answers = gevent.queue.Queue()
+    for n in range(8):
+        client.sio.emit("rec", n, callback=lambda *a, n=n: answers.put((n, list(a))))
+    refused = sorted(answers.get(timeout=5) for _ in range(3))
+    assert refused == [(n, [{"ok": False, "error": OUTBOX_FULL}]) for n in (5, 6, 7)]
+    assert client.expect("error", 3)[0] == [{"event": "rec", "error": OUTBOX_FULL}]
+
+    own_redis.start()
+    accepted = sorted(answers.get(timeout=20) for _ in range(5))
+    assert accepted == [(n, ["ok"]) for n in range(5)]
+    assert [args for kind, args, _ in log if kind == "rec"] == [["before"]] + [[n] for n in
+                                                                             range(5)]
+    assert client.call("rec", "after") == ["ok"]
+
+
+def test_commands_trimmed_before_an_io_node_read_them_are_reported(config, redis_client,
+                                                                   caplog):
+    io = IoNode(config.replace(stream_maxlen=50))    # its listener is stepped by hand here
+    stream = io.keys.commands
+    redis_client.xadd(stream, {"b": encode_batch([])})
+    io.last_ids = {stream: None}
+    io.last_ids[stream], io._stream_seq[stream] = io._stream_tip(stream)
+
+    def write(count):
+        for _ in range(count):
+            redis_client.xadd(stream, {"b": encode_batch([{"m": "app", "type": "x"}])},
+                              maxlen=50, approximate=False)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="siocluster.io-node"):
+            write(40)                  # an outage the stream's retention covers
+            io._check_streams_due = True
+            io._listen_step()
+            assert "trimmed" not in caplog.text
+            write(300)                 # a longer one: only the last 50 are kept
+            io._check_streams_due = True
+            io._listen_step()
+        assert "250 command batch(es)" in caplog.text and "STREAM_MAXLEN" in caplog.text
+        assert io.last_ids[stream] == redis_client.xrevrange(stream, count=1)[0][0]
+    finally:
+        io.redis.close()
+
+
+# ---- bad data in Redis -----------------------------------------------------------------------
+
+def test_malformed_data_in_redis_is_logged_and_skipped(cluster, config, redis_client, caplog):
+    log = []
+    io = cluster.io_node()
+    node = cluster.app_node(recording_app(log), workers=1)
+    client = cluster.client(io)
+    keys = node.keys
+    valid = json.loads(event(client.sid, "rec", 1).encode())
+    garbage = [b"", b"not json", b"[1, 2]", b'{"v": 99}', pickle.dumps({"a": 1}),
+               b"\xff\xfe\x00 not utf-8",
+               json.dumps({**valid, "attempt": "x"}).encode(),
+               json.dumps({**valid, "args": {"not": "a list"}}).encode(),
+               json.dumps({**valid, "kind": "explode"}).encode()]
+    raw_client = redis.Redis.from_url(config.redis_url)      # bytes as they are
+    try:
+        with caplog.at_level(logging.ERROR):
+            raw_client.lpush(keys.inbox, *garbage)
+            assert client.call("rec", "after") == ["ok"]
+            wait_until(lambda: redis_client.llen(keys.dead) == len(garbage),
+                       message="not every malformed message was set aside")
+            assert redis_client.llen(node.processing) == 0
+            dead = [json.loads(r) for r in redis_client.lrange(keys.dead, 0, -1)]
+            assert all(d["error"].startswith("malformed") for d in dead)
+
+            bad_entries = [{"x": "no batch"}, {"b": "not json"}, {"b": b"\xff\xfe"},
+                           {"b": encode_batch([{"m": "launch"}])},
+                           {"b": encode_batch([{"m": "emit", "ns": "/"}])},
+                           {"b": encode_batch([{"m": "emit", "ns": "/", "event": "e",
+                                                "args": "not a list"}])}]
+            for fields in bad_entries:
+                raw_client.xadd(keys.commands, fields)
+                raw_client.xadd(keys.node_commands(io.id), fields)
+            client.sio.emit("bcast", "through the stream")
+            assert client.expect("bcast") == [["through the stream"]]
+            assert client.call("rec", "through the node's own stream") == ["ok"]
+        skipped = caplog.text.count("skipped malformed command entry")
+        failed = caplog.text.count("failed")
+        assert skipped + failed >= 2 * len(bad_entries) and skipped >= 2 * 4
+        assert all(not g.dead for g in node._greenlets + io._greenlets)
+    finally:
+        raw_client.close()
+
+
+# ---- graceful stops -------------------------------------------------------------------------
+
+def test_a_stopping_app_node_finishes_its_messages_and_takes_no_new_ones(cluster, config,
+                                                                         redis_client):
+    log = []
+    io = cluster.io_node()
+    node = cluster.app_node(recording_app(log), workers=2)
+    client = cluster.client(io)
+    answers = gevent.queue.Queue()
+    for _n in range(4):
+        client.sio.emit("slow", 0.5, callback=lambda *a: answers.put(a))
+    wait_until(lambda: len(log) == 2, message="the slow handlers did not start")
+    node.stop(timeout=5)
+    assert [kind for kind, _, _ in log] == ["slow-start"] * 2 + ["slow-end"] * 2
+    assert redis_client.llen(node.keys.inbox) == 2           # left for other app-nodes
+    assert not redis_client.exists(node.processing)
+    assert node.id not in ClusterState(redis_client, node.keys).nodes(alive=None)
+    cluster.app_node(recording_app(log), workers=2)
+    assert [answers.get(timeout=5) for _ in range(4)] == [("done",)] * 4
+
+
+def test_a_handler_still_running_when_the_stop_times_out_is_given_back(cluster, config,
+                                                                       redis_client):
+    log = []
+    io = cluster.io_node()
+    node = cluster.app_node(recording_app(log), workers=1)
+    client = cluster.client(io)
+    client.sio.emit("slow", 30)
+    wait_until(lambda: log, message="the slow handler did not start")
+    node.stop(timeout=0.5)
+    assert [kind for kind, _, _ in log] == ["slow-start"]
+    returned = Envelope.decode(redis_client.lindex(node.keys.inbox, -1))
+    assert (returned.event, returned.attempt) == ("slow", 1)
+    assert not redis_client.exists(node.processing)
+
+
+def test_a_stopping_io_node_drops_its_connections_and_its_clients_reconnect(cluster, config,
+                                                                            redis_client):
+    log = []
+    io = cluster.io_node()
+    port = io.address[1]
+    cluster.app_node(recording_app(log))
+    clients, reasons = {}, gevent.queue.Queue()
+    for transport in ("websocket", "polling"):
+        client = socketio.Client(reconnection=True, reconnection_delay=0.1,
+                                 reconnection_delay_max=0.3)
+        client.on("disconnect", lambda *reason, t=transport: reasons.put((t, reason)))
+        client.connect(f"http://127.0.0.1:{port}", transports=[transport], wait_timeout=5)
+        clients[transport] = client
+    old_sids = sorted(c.get_sid() for c in clients.values())
+    try:
+        io.stop()
+        # a dropped connection, not a Socket.IO disconnect: clients reconnect by themselves
+        assert sorted(reasons.get(timeout=5) for _ in clients) == [
+            ("polling", ("transport error",)), ("websocket", ("transport error",))]
+        assert io.id not in ClusterState(redis_client, io.keys).nodes(alive=None)
+        assert not redis_client.exists(io.keys.node_commands(io.id))
+        wait_until(lambda: len(log) == 2, message="the app did not get the disconnects")
+        assert sorted(sid for kind, sid, _ in log if kind == "disconnect") == old_sids
+
+        # here to a new io-node on the same address (python-socketio's polling client takes
+        # a ping interval to notice; browsers reconnect at once)
+        successor = IoNode(config).start()
+        cluster.io_nodes.append(successor)
+        successor.start_server(("127.0.0.1", port))
+        client = clients["websocket"]
+        wait_until(lambda: client.connected, timeout=10, message="the client did not reconnect")
+        assert client.get_sid() not in old_sids
+        assert client.call("rec", "back", timeout=5) == "ok"
+        assert [r["node"] for r in ClusterState(redis_client, io.keys).clients()] == [
+            successor.id]
+    finally:
+        for client in clients.values():
+            client.disconnect()
