@@ -1,0 +1,75 @@
+"""The chat's frontend-node: the page at ``/`` plus siocluster's ``/config.js``.
+
+    python -m example_chat.frontend --port 8080 --redis-url redis://localhost:6379/0
+
+Every ``siocluster`` setting is a flag (``--prefix``, ``--io-servers``, ...) or a
+``SIOCLUSTER_*`` variable. Without ``--io-servers`` the page is told the io-nodes alive
+right now, from the cluster's Redis. To put the chat on a site of your own, register
+`create_app`'s pieces there: the page, and ``siocluster.make_blueprint(config)``.
+"""
+
+if __name__ == "__main__":  # an entry point: patch before anything imports socket or ssl
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import logging
+import signal
+
+from flask import Flask, render_template
+
+from siocluster import Config, make_frontend_server
+
+logger = logging.getLogger("example_chat.frontend")
+
+
+def create_app(config=None) -> Flask:
+    """The chat's Flask app: ``/``, ``/static/chat.js`` and the siocluster blueprint.
+
+    :param config: a `siocluster.Config` or a mapping of its keys; None reads the
+        ``SIOCLUSTER_*`` keys of the Flask config.
+    """
+    app = Flask(__name__)
+
+    @app.get("/")
+    def index():
+        return render_template("index.html")
+
+    return make_frontend_server(app, config)
+
+
+def main(argv=None) -> None:
+    import gevent.event
+    from gevent.pywsgi import WSGIServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m example_chat.frontend",
+                                     description="Serve the chat's page and the io-node list.")
+    config, _ = Config.load(argv, parser=parser)
+    server = WSGIServer((config.http_host, config.http_port), create_app(config),
+                        log=logging.getLogger("example_chat.frontend.access"))
+    try:
+        server.start()
+    except PermissionError:
+        raise SystemExit(f"frontend-node: port {config.http_port} needs privileges; pick a "
+                         "port above 1023 with --port")
+    except OSError as exc:
+        raise SystemExit(f"frontend-node: cannot listen on {config.http_host}:"
+                         f"{config.http_port}: {exc}; choose another with --host/--port")
+    host, port = server.address[:2]
+    logger.info("frontend-node listening on http://%s:%s/", host, port)
+
+    shutdown = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, shutdown.set)
+    gevent.signal_handler(signal.SIGINT, shutdown.set)
+    shutdown.wait()
+    logger.info("frontend-node stopping")
+    server.stop(timeout=5)
+
+
+if __name__ == "__main__":
+    # the canonical module's main, so Flask finds the templates by the package's name
+    from example_chat.frontend import main as _main
+
+    _main()

@@ -1,0 +1,470 @@
+"""Run a whole cluster on one machine, each node a process of its own (``make run-cluster``).
+
+    python -m siocluster.cluster                      # the example chat on http://127.0.0.1:8080/
+    python -m siocluster.cluster --io-ports "9081 9082 9083" --app-nodes 3 --frontend-port 9080
+    python -m siocluster.cluster --redis-url redis://db:6379/0 --app mychat.app:app \\
+        --frontend mychat.frontend
+
+It starts an embedded ``redis-server`` on a free port with a temporary directory (unless
+``--redis-url`` is given), the policy server, the frontend-node (``python -m <frontend>
+--host --port``), the io-nodes and the app-nodes (``python -m siocluster.appnode <app>``).
+Every line a node writes is shown with the node's name in front (``io-8081 | ...``) and
+the runner's own lines start with ``cluster |``; among them ``started <name> (pid N)`` for
+each node and ``ready: open <url>`` once everything listens. A node that dies is reported
+and the others keep running. Ctrl-C, SIGTERM or SIGHUP stop every node (SIGTERM, then
+SIGKILL after ``--stop-timeout`` seconds), Redis last, and remove the temporary directory.
+
+Other settings reach every node as ``SIOCLUSTER_*`` environment variables.
+"""
+
+import argparse
+import errno
+import ipaddress
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import List, Optional
+
+from . import defaults
+from .config import ConfigError, make_redis, parse_redis_url
+
+UNPRIVILEGED_POLICY_PORT = 10843
+START_TIMEOUT = 30.0       # seconds to wait for every node to listen before saying so
+REDIS_START_TIMEOUT = 10.0
+
+
+class Stop(Exception):
+    """Raised in the main thread by a stop signal."""
+
+
+class Child:
+    """One node: its process, and a thread copying its output line by line."""
+
+    def __init__(self, name: str, args: List[str], port: Optional[int] = None):
+        self.name = name
+        self.args = args
+        self.port = port
+        self.proc: Optional[subprocess.Popen] = None
+        self.reader: Optional[threading.Thread] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class ClusterRunner:
+    """Starts, watches and stops the nodes of one cluster; `main` is its command line.
+
+    :param options: the parsed command line (see `argument_parser`).
+    :param out: where the log lines go.
+
+    ::
+
+        runner = ClusterRunner(argument_parser().parse_args([...]))
+        try:
+            runner.start()
+            runner.wait()        # until every node is gone; a signal raises `Stop`
+        finally:
+            runner.stop()
+    """
+
+    def __init__(self, options: argparse.Namespace, out=None):
+        self.options = options
+        self.out = out or sys.stdout
+        self.children: List[Child] = []
+        self.redis: Optional[Child] = None
+        self.redis_dir: Optional[str] = None
+        self.redis_url = options.redis_url
+        self.exits: queue.Queue = queue.Queue()    # children that exited
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._width = 8
+
+    # ---- output --------------------------------------------------------------------------
+
+    def say(self, text: str, name: str = "cluster") -> None:
+        with self._lock:
+            self.out.write(f"{name:<{self._width}} | {text}\n")
+            self.out.flush()
+
+    def _copy_output(self, child: Child) -> None:
+        for line in child.proc.stdout:
+            self.say(line.rstrip("\n"), child.name)
+        child.proc.wait()
+        self.exits.put(child)
+
+    # ---- starting ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every node and wait until they listen; raises SystemExit with what to do."""
+        o = self.options
+        nodes = self._plan()
+        self._width = max(len(c.name) for c in nodes + [Child("cluster", [])])
+        self._check_ports(nodes)
+        if self.redis_url:
+            self._check_redis()
+        else:
+            self._start_redis()
+        for child in nodes:
+            self._spawn(child)
+        self._wait_ready(nodes)
+        host = _browser_host(o.host)
+        self.say(f"ready: open http://{host}:{o.frontend_port}/ in a browser "
+                 f"(io-nodes on {', '.join(str(p) for p in o.io_ports)}, {o.app_nodes} app-nodes, "
+                 f"policy server on {o.policy_port}); Ctrl-C stops the cluster")
+
+    def _plan(self) -> List[Child]:
+        o = self.options
+        py = [sys.executable]
+        if o.policy_port < 1024 and not _can_bind(o.host, o.policy_port):
+            self.say(f"port {o.policy_port} needs root (or CAP_NET_BIND_SERVICE): the policy "
+                     f"server listens on {UNPRIVILEGED_POLICY_PORT} instead; choose with "
+                     f"POLICY_PORT=... (make) or --policy-port")
+            o.policy_port = UNPRIVILEGED_POLICY_PORT
+        common = ["--prefix", o.prefix]
+        policy = Child("policy", py + ["-c", _POLICY_ENTRY, "--host", o.host,
+                                       "--port", str(o.policy_port),
+                                       "--allow-ports", ",".join(map(str, o.io_ports))],
+                       o.policy_port)
+        frontend = Child("frontend", py + ["-m", o.frontend, "--host", o.host,
+                                           "--port", str(o.frontend_port), *common],
+                         o.frontend_port)
+        origins = o.cors_allowed_origins or ",".join(frontend_origins(
+            o.host, o.frontend_port, o.public_host))
+        io_nodes = []
+        for port in o.io_ports:
+            args = py + ["-m", "siocluster.ionode", "--host", o.host, "--port", str(port),
+                         "--cors-allowed-origins", origins, *common]
+            if o.public_host:
+                args += ["--public-host", o.public_host]
+            io_nodes.append(Child(f"io-{port}", args, port))
+        app_nodes = [Child(f"app-{n}", py + ["-m", "siocluster.appnode", o.app, *common])
+                     for n in range(1, o.app_nodes + 1)]
+        return [policy, frontend, *io_nodes, *app_nodes]
+
+    def _check_ports(self, nodes: List[Child]) -> None:
+        ports = [c.port for c in nodes if c.port is not None]
+        for child in nodes:
+            if child.port is None:
+                continue
+            if ports.count(child.port) > 1:
+                raise SystemExit(f"port {child.port} is given to two nodes: choose distinct "
+                                 "--frontend-port, --io-ports and --policy-port")
+            if not _can_bind(self.options.host, child.port):
+                raise SystemExit(
+                    f"cannot start {child.name}: {self.options.host}:{child.port} is in use or "
+                    f"not allowed. Stop what uses it, or choose other ports (make run-cluster "
+                    f"FRONTEND_PORT=9080 IO_PORTS=\"9081 9082\" POLICY_PORT=10843).")
+
+    def _start_redis(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not installed: run `make install` (it installs "
+                             "it), or `apt-get install redis-server`, or point the cluster at "
+                             "a running Redis with --redis-url (REDIS_URL=... for make)")
+        port = _free_port()
+        self.redis_dir = tempfile.mkdtemp(prefix="siocluster-redis-")
+        self.redis = Child("redis", [exe, "--port", str(port), "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no",
+                                     "--dir", self.redis_dir, "--protected-mode", "no"], port)
+        self._width = max(self._width, len("redis"))
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self._spawn(self.redis)
+        client = make_redis(self.redis_url, {"socket_connect_timeout": 0.5})
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        while True:
+            try:
+                client.ping()
+                break
+            except OSError as exc:
+                error = exc
+            except Exception as exc:  # redis-py's ConnectionError while it starts
+                error = exc
+            if not self.redis.alive():
+                raise SystemExit("redis-server exited at start; its lines above say why")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"redis-server did not answer in {REDIS_START_TIMEOUT}s: {error}")
+            time.sleep(0.05)
+        client.close()
+        self.say(f"embedded Redis at {self.redis_url} (data in {self.redis_dir}, removed at stop)")
+
+    def _check_redis(self) -> None:
+        try:
+            parse_redis_url(self.redis_url)
+            client = make_redis(self.redis_url)
+            client.ping()
+            client.close()
+        except ConfigError as exc:
+            raise SystemExit(str(exc))
+        except Exception as exc:
+            raise SystemExit(f"cannot reach Redis at {self.redis_url.split('@')[-1]}: {exc}. "
+                             "Start it, fix --redis-url (REDIS_URL=... for make), or leave it "
+                             "out to use an embedded redis-server.")
+        self.say(f"using Redis at {self.redis_url.split('@')[-1]}, "
+                 f"key prefix {self.options.prefix!r}")
+
+    def _spawn(self, child: Child) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if child is not self.redis:
+            env["SIOCLUSTER_REDIS_URL"] = self.redis_url
+        # a session of its own: Ctrl-C in the terminal reaches the runner only, which then
+        # stops the nodes in order (Redis last)
+        child.proc = subprocess.Popen(child.args, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=env, text=True, errors="replace", bufsize=1,
+                                      start_new_session=True)
+        child.reader = threading.Thread(target=self._copy_output, args=(child,),
+                                        name=f"output-{child.name}", daemon=True)
+        child.reader.start()
+        if child is not self.redis:
+            self.children.append(child)
+        self.say(f"started {child.name} (pid {child.pid})")
+
+    def _wait_ready(self, nodes: List[Child]) -> None:
+        """Wait until every node with a port accepts connections and the app-nodes have
+        registered; a node that exits meanwhile fails the start."""
+        from .state import ClusterState, Keys
+
+        state = ClusterState(make_redis(self.redis_url), Keys(self.options.prefix))
+        listening = [c for c in nodes if c.port is not None]
+        deadline = time.monotonic() + START_TIMEOUT
+        wanted_apps = sum(1 for c in nodes if c.port is None)
+        while True:
+            dead = [c for c in nodes + [self.redis] if c is not None and not c.alive()]
+            if dead:
+                raise SystemExit(f"{', '.join(c.name for c in dead)} exited at start; "
+                                 "the lines above say why")
+            listening = [c for c in listening if not _accepts(self.options.host, c.port)]
+            try:
+                apps = len(state.nodes(role="app-node"))
+            except Exception:
+                apps = 0
+            if not listening and apps >= wanted_apps:
+                return
+            if time.monotonic() > deadline:
+                waiting = [c.name for c in listening]
+                if apps < wanted_apps:
+                    waiting.append(f"{wanted_apps - apps} app-node(s)")
+                self.say(f"still waiting for {', '.join(waiting)} after {START_TIMEOUT:.0f}s; "
+                         "see their lines above")
+                return
+            time.sleep(0.05)
+
+    # ---- running -------------------------------------------------------------------------
+
+    def wait(self) -> int:
+        """Report nodes that exit, until none is left (returns 1 then)."""
+        remaining = set(self.children + ([self.redis] if self.redis else []))
+        while remaining:
+            child = self.exits.get()
+            remaining.discard(child)
+            code = child.proc.returncode
+            how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exited with code {code}")
+            hint = (" every node needs it: stop the cluster (Ctrl-C) and start it again."
+                    if child is self.redis else " the rest keeps running.")
+            self.say(f"{child.name} (pid {child.pid}) {how} unexpectedly;{hint}")
+        self.say("every node has exited")
+        return 1
+
+    # ---- stopping ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the nodes, then Redis; safe to call twice, and after a failed start."""
+        self.stopping = True
+        self._terminate([c for c in self.children if c.proc is not None])
+        if self.redis is not None and self.redis.proc is not None:
+            self._terminate([self.redis])
+        for child in self.children + ([self.redis] if self.redis else []):
+            if child.reader is not None:
+                child.reader.join(timeout=5)
+        if self.redis_dir:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
+            self.redis_dir = None
+
+    def _terminate(self, children: List[Child]) -> None:
+        running = [c for c in children if c.alive()]
+        if not running:
+            return
+        self.say(f"stopping {', '.join(c.name for c in running)}")
+        for child in running:
+            try:
+                child.proc.terminate()
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.options.stop_timeout
+        for child in running:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{child.name} (pid {child.pid}) did not stop in "
+                         f"{self.options.stop_timeout:g}s: killing it")
+                child.proc.kill()
+                child.proc.wait()
+
+
+# The policy server's entry point, without depending on the top-level policy_server.py
+# being on the path: patch first, as every entry point does.
+_POLICY_ENTRY = ("from gevent import monkey; monkey.patch_all(); "
+                 "from siocluster.policy import main; main()")
+
+
+def frontend_origins(host: str, port: int, public_host: Optional[str] = None) -> List[str]:
+    """The origins a page served by the frontend-node has: what the io-nodes must allow."""
+    hosts = ["localhost", "127.0.0.1"]
+    if _is_wildcard(host):
+        hosts.append(socket.gethostname())
+    else:
+        hosts.append(host)
+    if public_host:
+        hosts.append(public_host)
+    return [f"http://{h}:{port}" for h in dict.fromkeys(hosts)]
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _browser_host(host: str) -> str:
+    return "localhost" if _is_wildcard(host) else host
+
+
+def _can_bind(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        # as the servers do: a port with only closed connections in TIME_WAIT is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                return False
+            raise
+    return True
+
+
+def _accepts(host: str, port: int) -> bool:
+    target = "127.0.0.1" if _is_wildcard(host) else host
+    try:
+        with socket.create_connection((target, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ports(text: str) -> List[int]:
+    try:
+        ports = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        ports = []
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of ports such as \"8081 8082\"")
+    return ports
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of nodes (0 or more)")
+    return value
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m siocluster.cluster",
+        description="Run a siocluster cluster on this machine: an embedded Redis, the policy "
+                    "server, a frontend-node, io-nodes and app-nodes, each a process.")
+    parser.add_argument("--host", default=defaults.HTTP_HOST,
+                        help="address every node listens on (default: %(default)s; 0.0.0.0 "
+                             "serves other machines)")
+    parser.add_argument("--frontend-port", type=int, default=defaults.HTTP_PORT,
+                        help="the frontend-node's port (default: %(default)s)")
+    parser.add_argument("--io-ports", type=_ports, default=[8081, 8082], metavar='"PORT ..."',
+                        help="one io-node per port (default: \"8081 8082\")")
+    parser.add_argument("--app-nodes", type=_count, default=2,
+                        help="how many app-nodes (default: %(default)s)")
+    parser.add_argument("--policy-port", type=int, default=defaults.POLICY_PORT,
+                        help=f"the policy server's port (default: %(default)s; without root, "
+                             f"{UNPRIVILEGED_POLICY_PORT} is used instead)")
+    parser.add_argument("--redis-url", default=None,
+                        help="a Redis to use instead of starting an embedded redis-server")
+    parser.add_argument("--prefix", default=defaults.PREFIX,
+                        help="prefix of the cluster's Redis keys (default: %(default)s)")
+    parser.add_argument("--app", default="example_chat.app:app",
+                        help="the App the app-nodes run (default: %(default)s)")
+    parser.add_argument("--frontend", default="example_chat.frontend",
+                        help="module run as `python -m MODULE --host --port` for the "
+                             "frontend-node (default: %(default)s)")
+    parser.add_argument("--public-host", default=None,
+                        help="host browsers use to reach the io-nodes (default: the host "
+                             "the browser used for the page)")
+    parser.add_argument("--cors-allowed-origins", default=None,
+                        help="origins the io-nodes accept, comma-separated (default: the "
+                             "frontend-node's)")
+    parser.add_argument("--stop-timeout", type=float, default=10.0,
+                        help="seconds a node has to stop before it is killed "
+                             "(default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    options = argument_parser().parse_args(argv)
+    runner = ClusterRunner(options)
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def again(signum, frame):
+        runner.say(f"already stopping (each node has {options.stop_timeout:g}s before it is "
+                   "killed)")
+
+    def on_signal(signum, frame):
+        for sig in stop_signals:
+            signal.signal(sig, again)
+        raise Stop(signal.Signals(signum).name)
+
+    for sig in stop_signals:
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        runner.start()
+        code = runner.wait()
+    except Stop as exc:
+        runner.say(f"{exc}: stopping the cluster")
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            runner.say(exc.code)
+            code = 1
+        else:
+            code = exc.code or 0
+    finally:
+        for sig in stop_signals:
+            signal.signal(sig, again)
+        runner.stop()
+    runner.say("stopped")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
