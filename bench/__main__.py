@@ -36,7 +36,7 @@ SCENARIOS = ("redis", "echo", "fanout", "connections")
 SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER}
 
 FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "rooms": 30,
-        "fanout_start": 200.0, "fanout_factor": 1.5, "fanout_steps": 10, "fanout_refine": 2,
+        "fanout_start": 100.0, "fanout_factor": 1.5, "fanout_steps": 10, "fanout_refine": 2,
         "connections": 10000, "redis_requests": 50000}
 QUICK = {"duration": 0.6, "warmup": 0.2, "echo_clients": 20, "rooms": 2,
          "fanout_start": 40.0, "fanout_factor": 2.0, "fanout_steps": 1, "fanout_refine": 0,

@@ -121,6 +121,9 @@ def table(results: dict) -> str:
             ours = values[systems.index(SIOCLUSTER)]
             row += [_ratio(ours, values[i]) for i, s in enumerate(systems) if s != SIOCLUSTER]
         rows.append(row)
+    # a heading without figures under it (a scenario not run) goes
+    rows = [row for n, row in enumerate(rows)
+            if len(row) > 1 or (n + 1 < len(rows) and len(rows[n + 1]) > 1)]
     widths = [max(len(r[i]) for r in [header, *rows] if len(r) > i) for i in range(len(header))]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
                        enumerate(zip(header, widths)))]
@@ -172,8 +175,7 @@ def goals(results: dict) -> List[dict]:
     p99 = _get(ours, "echo", "half_peak", "p99_ms")
     goal("echo p99 ms at half the peak rate < 20", p99, 20, None if p99 is None else p99 < 20)
     held = _get(ours, "connections", "held")
-    asked = _get(ours, "connections", "asked")
-    goal(f"idle connections held on one io-node (of {asked})", held, 10000,
+    goal("idle connections held on one io-node >= 10,000", held, 10000,
          None if held is None else held >= 10000)
     rss = _get(ours, "connections", "rss_per_connection_kb")
     goal("RSS KB per idle connection < 40", rss, 40, None if rss is None else rss < 40)
