@@ -11,6 +11,7 @@ REDIS_URL ?=
 FRONTEND_PORT ?= 8080
 IO_PORTS ?= 8081 8082
 APP_NODES ?= 2
+# 843 needs root: without it the runner says so and uses 10843
 POLICY_PORT ?= 843
 HOST ?= 127.0.0.1
 

@@ -323,7 +323,7 @@ def frontend_origins(host: str, port: int, public_host: Optional[str] = None) ->
     """The origins a page served by the frontend-node has: what the io-nodes must allow."""
     hosts = ["localhost", "127.0.0.1"]
     if _is_wildcard(host):
-        hosts.append(socket.gethostname())
+        hosts += [socket.gethostname(), *_primary_address()]
     else:
         hosts.append(host)
     if public_host:
@@ -336,6 +336,16 @@ def _is_wildcard(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
+
+
+def _primary_address() -> List[str]:
+    """This machine's address on its default route, if it has one (nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))      # TEST-NET-1: only picks the outgoing interface
+            return [s.getsockname()[0]]
+        except OSError:
+            return []
 
 
 def _browser_host(host: str) -> str:
@@ -391,7 +401,9 @@ def _count(text: str) -> int:
     return value
 
 
-def argument_parser() -> argparse.ArgumentParser:
+def argument_parser(environ=None) -> argparse.ArgumentParser:
+    """The runner's flags; a few default to the ``SIOCLUSTER_*`` variables of ``environ``."""
+    env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python -m siocluster.cluster",
         description="Run a siocluster cluster on this machine: an embedded Redis, the policy "
@@ -408,21 +420,26 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy-port", type=int, default=defaults.POLICY_PORT,
                         help=f"the policy server's port (default: %(default)s; without root, "
                              f"{UNPRIVILEGED_POLICY_PORT} is used instead)")
-    parser.add_argument("--redis-url", default=None,
-                        help="a Redis to use instead of starting an embedded redis-server")
-    parser.add_argument("--prefix", default=defaults.PREFIX,
-                        help="prefix of the cluster's Redis keys (default: %(default)s)")
+    parser.add_argument("--redis-url", default=env.get("SIOCLUSTER_REDIS_URL") or None,
+                        help="a Redis to use instead of starting an embedded redis-server "
+                             "(default: SIOCLUSTER_REDIS_URL)")
+    parser.add_argument("--prefix", default=env.get("SIOCLUSTER_PREFIX") or defaults.PREFIX,
+                        help="prefix of the cluster's Redis keys (default: SIOCLUSTER_PREFIX, "
+                             "else %(default)s)")
     parser.add_argument("--app", default="example_chat.app:app",
                         help="the App the app-nodes run (default: %(default)s)")
     parser.add_argument("--frontend", default="example_chat.frontend",
                         help="module run as `python -m MODULE --host --port` for the "
                              "frontend-node (default: %(default)s)")
-    parser.add_argument("--public-host", default=None,
-                        help="host browsers use to reach the io-nodes (default: the host "
-                             "the browser used for the page)")
-    parser.add_argument("--cors-allowed-origins", default=None,
-                        help="origins the io-nodes accept, comma-separated (default: the "
-                             "frontend-node's)")
+    parser.add_argument("--public-host", default=env.get("SIOCLUSTER_PUBLIC_HOST") or None,
+                        help="host browsers use to reach the io-nodes (default: "
+                             "SIOCLUSTER_PUBLIC_HOST, else the host the browser used for the "
+                             "page)")
+    parser.add_argument("--cors-allowed-origins",
+                        default=env.get("SIOCLUSTER_CORS_ALLOWED_ORIGINS") or None,
+                        help="origins the io-nodes accept, comma-separated (default: "
+                             "SIOCLUSTER_CORS_ALLOWED_ORIGINS, else the frontend-node's: "
+                             "localhost, 127.0.0.1 and this machine's name and address)")
     parser.add_argument("--stop-timeout", type=float, default=10.0,
                         help="seconds a node has to stop before it is killed "
                              "(default: %(default)s)")

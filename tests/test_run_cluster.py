@@ -15,6 +15,7 @@ import pytest
 import requests
 import socketio
 
+from siocluster import ClusterState, Keys
 from tests.helpers import EventClient, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,6 +182,29 @@ def test_runner_starts_a_working_cluster_and_leaves_nothing_behind():
         assert port_is_free(port), f"port {port} is still bound:\n{runner.output}"
     redis_dir = re.search(r"\(data in (\S+), removed at stop\)", runner.output).group(1)
     assert not os.path.exists(redis_dir)
+
+
+def test_ctrl_c_stops_a_cluster_on_a_redis_of_ones_own(config):
+    frontend, io_port, policy = free_port(), free_port(), free_port()
+    runner = Runner("--frontend-port", str(frontend), "--io-ports", str(io_port),
+                    "--app-nodes", "1", "--policy-port", str(policy),
+                    "--redis-url", config.redis_url, "--prefix", config.prefix)
+    state = ClusterState(config.redis_client(), Keys(config.prefix))
+    try:
+        runner.wait_for(r"^cluster\s+\| ready: ")
+        pids = runner.pids()
+        assert set(pids) == {"policy", "frontend", f"io-{io_port}", "app-1"}, runner.output
+        assert children_of(runner.proc.pid) == set(pids.values())
+        assert f"key prefix {config.prefix!r}" in runner.output
+        assert sorted(i["role"] for i in state.nodes().values()) == ["app-node", "io-node"]
+    finally:
+        code = runner.stop(signal.SIGINT)
+    assert code == 0, runner.output
+    assert "SIGINT: stopping the cluster" in runner.output
+    assert "unexpectedly" not in runner.output, runner.output
+    assert [name for name, pid in pids.items() if not gone(pid)] == [], runner.output
+    assert all(port_is_free(p) for p in (frontend, io_port, policy)), runner.output
+    assert state.nodes(alive=None) == {}      # every node deregistered as it stopped
 
 
 def test_runner_refuses_a_port_in_use_and_starts_nothing():
