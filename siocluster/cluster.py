@@ -13,6 +13,7 @@ the runner's own lines start with ``cluster |``; among them ``started <name> (pi
 each node and ``ready: open <url>`` once everything listens. A node that dies is reported
 and the others keep running. Ctrl-C, SIGTERM or SIGHUP stop every node (SIGTERM, then
 SIGKILL after ``--stop-timeout`` seconds), Redis last, and remove the temporary directory.
+The policy server's port 843 needs root: without it the runner says so and uses 10843.
 
 Other settings reach every node as ``SIOCLUSTER_*`` environment variables.
 """
@@ -86,7 +87,6 @@ class ClusterRunner:
         self.redis_dir: Optional[str] = None
         self.redis_url = options.redis_url
         self.exits: queue.Queue = queue.Queue()    # children that exited
-        self.stopping = False
         self._lock = threading.Lock()
         self._width = 8
 
@@ -126,7 +126,7 @@ class ClusterRunner:
     def _plan(self) -> List[Child]:
         o = self.options
         py = [sys.executable]
-        if o.policy_port < 1024 and not _can_bind(o.host, o.policy_port):
+        if o.policy_port < 1024 and _bind_error(o.host, o.policy_port) == errno.EACCES:
             self.say(f"port {o.policy_port} needs root (or CAP_NET_BIND_SERVICE): the policy "
                      f"server listens on {UNPRIVILEGED_POLICY_PORT} instead; choose with "
                      f"POLICY_PORT=... (make) or --policy-port")
@@ -160,11 +160,16 @@ class ClusterRunner:
             if ports.count(child.port) > 1:
                 raise SystemExit(f"port {child.port} is given to two nodes: choose distinct "
                                  "--frontend-port, --io-ports and --policy-port")
-            if not _can_bind(self.options.host, child.port):
-                raise SystemExit(
-                    f"cannot start {child.name}: {self.options.host}:{child.port} is in use or "
-                    f"not allowed. Stop what uses it, or choose other ports (make run-cluster "
-                    f"FRONTEND_PORT=9080 IO_PORTS=\"9081 9082\" POLICY_PORT=10843).")
+            error = _bind_error(self.options.host, child.port)
+            if error is not None:
+                why = {errno.EADDRINUSE: "is in use: stop what uses it, or choose other ports "
+                                         "(make run-cluster FRONTEND_PORT=9080 "
+                                         "IO_PORTS=\"9081 9082\" POLICY_PORT=10843)",
+                       errno.EACCES: "needs root: choose a port above 1023",
+                       errno.EADDRNOTAVAIL: "is not an address of this machine: fix --host "
+                                            "(HOST=... for make)"}
+                raise SystemExit(f"cannot start {child.name}: {self.options.host}:{child.port} "
+                                 f"{why.get(error, os.strerror(error))}")
 
     def _start_redis(self) -> None:
         exe = shutil.which("redis-server")
@@ -281,7 +286,6 @@ class ClusterRunner:
 
     def stop(self) -> None:
         """Stop the nodes, then Redis; safe to call twice, and after a failed start."""
-        self.stopping = True
         self._terminate([c for c in self.children if c.proc is not None])
         if self.redis is not None and self.redis.proc is not None:
             self._terminate([self.redis])
@@ -352,7 +356,8 @@ def _browser_host(host: str) -> str:
     return "localhost" if _is_wildcard(host) else host
 
 
-def _can_bind(host: str, port: int) -> bool:
+def _bind_error(host: str, port: int) -> Optional[int]:
+    """None when a server could listen on ``host:port`` now, else the errno saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         # as the servers do: a port with only closed connections in TIME_WAIT is free
@@ -360,10 +365,8 @@ def _can_bind(host: str, port: int) -> bool:
         try:
             s.bind((host, port))
         except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-                return False
-            raise
-    return True
+            return exc.errno
+    return None
 
 
 def _accepts(host: str, port: int) -> bool:
