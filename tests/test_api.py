@@ -10,7 +10,19 @@ import pytest
 import socketio
 
 from siocluster import App, CallTimeout
+from tests.conftest import Cluster
 from tests.helpers import wait_until
+
+
+@pytest.fixture
+def cluster(config):
+    """The conftest's cluster, whose nodes also close their Redis connections when stopped,
+    so no socket is left for the garbage collector to warn about."""
+    cluster = Cluster(config)
+    yield cluster
+    cluster.stop()
+    for node in cluster.app_nodes + cluster.io_nodes:
+        node.redis.close()
 
 
 def url(io_node):
@@ -179,6 +191,26 @@ def test_connect_refusal_reaches_the_client_with_its_message(cluster, handler, e
     assert not client.sio.connected
     wait_until(lambda: app.count() == 0 and not io.clients,
                message="the refused client is still counted")
+
+
+def test_no_verdict_in_time_refuses_when_configured_and_leaves_nothing_behind(cluster):
+    io = cluster.io_node(connect_timeout=0.5, connect_timeout_accept=False)
+    client = cluster.client(io, connect=False)      # no app-node yet: no verdict comes
+    errors = []
+    client.sio.on("connect_error", errors.append)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client.connect_to(io)
+    assert len(errors) == 1 and "no answer" in errors[0]["message"]
+
+    # the app tier, when it comes, sees the connect and then its disconnect
+    app = App()
+    seen = []
+    app.on("connect", lambda sid, environ: seen.append("connect"))
+    app.on("disconnect", lambda sid, reason: seen.append(("disconnect", reason)))
+    cluster.app_node(app)
+    wait_until(lambda: len(seen) == 2, message="the late connect was not paired")
+    assert seen == ["connect", ("disconnect", "connect timed out")]
+    wait_until(lambda: app.count() == 0, message="the refused client is still counted")
 
 
 def test_two_argument_connect_handler(cluster):
