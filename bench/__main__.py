@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     print(f"siocluster bench: {m['cores']} cores {m['cpu_model']}, {m['memory_gib']} GiB, "
           f"Python {m['python']}, redis-server {m['redis_server']}")
     print(f"command: {results['command']}")
+    print(f"load generator: {args.generators} processes; siocluster: {args.io_nodes} io-nodes, "
+          f"{args.app_nodes} app-node(s) of {args.workers} workers")
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*results["load_average_before"])
           + ", after: {:.2f} {:.2f} {:.2f}".format(*results["load_average_after"]))
     print()
