@@ -51,7 +51,7 @@ test-fast: install ## every test but the browser ones
 	$(PY) -m pytest -m "not browser" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff over the code
-	$(VENV)/bin/ruff check siocluster tests example_chat policy_server.py
+	$(VENV)/bin/ruff check siocluster tests example_chat examples bench policy_server.py
 
 run-cluster: install ## start the example chat as a real cluster (Ctrl-C stops it)
 	$(PY) -m siocluster.cluster --host $(HOST) --frontend-port $(FRONTEND_PORT) \
