@@ -11,8 +11,8 @@ JSON line on stdout; its clients keep answering pings between commands::
 
 The clients are `RawClient`s: a websocket (websocket-client) speaking the Engine.IO v4 /
 Socket.IO v5 text protocol directly. python-socketio's own client runs three greenlets and
-a queue per connection, which is several times the CPU per message (`--client-check` in
-BENCHMARKS.md), and a generator that spends its time in its clients measures itself.
+a queue per connection, which is several times the CPU per message (BENCHMARKS.md has the
+figures), and a generator that spends its time in its clients measures itself.
 Times that cross processes (a chat message's send time) are `time.time()`, the one wall
 clock every process on the machine shares.
 """

@@ -42,8 +42,11 @@ class Window:
                  if count - self.begin[3].get(name, 0) > 0}
         # INFO itself and the snapshot's own calls are the bench's, not the system's
         calls.pop("info", None)
-        return {"seconds": round(wall, 3), "cores": cores,
-                "machine_cores": round((end[1] - self.begin[1]) / wall, 3), "redis_calls": calls}
+        machine = (end[1] - self.begin[1]) / wall
+        # what the machine spent on processes not of this bench: the noise of a shared host
+        other = max(0.0, machine - sum(cores.values()))
+        return {"seconds": round(wall, 3), "cores": cores, "machine_cores": round(machine, 3),
+                "other_cores": round(other, 3), "redis_calls": calls}
 
 
 def process_groups(system: System, generators: Generators, redis: Optional[Redis]):
