@@ -128,6 +128,7 @@ class Cluster:
             client.close()
         for node in self.app_nodes + self.io_nodes:
             node.stop(timeout=3)
+            node.redis.close()
 
 
 @pytest.fixture

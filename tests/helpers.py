@@ -77,3 +77,7 @@ class EventClient:
             self.sio.disconnect()
         except Exception:
             pass
+        # after a connection the server dropped, engineio's client leaves its websocket open
+        ws = getattr(self.sio.eio, "ws", None)
+        if ws is not None:
+            ws.shutdown()

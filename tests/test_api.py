@@ -10,19 +10,7 @@ import pytest
 import socketio
 
 from siocluster import App, CallTimeout
-from tests.conftest import Cluster
 from tests.helpers import wait_until
-
-
-@pytest.fixture
-def cluster(config):
-    """The conftest's cluster, whose nodes also close their Redis connections when stopped,
-    so no socket is left for the garbage collector to warn about."""
-    cluster = Cluster(config)
-    yield cluster
-    cluster.stop()
-    for node in cluster.app_nodes + cluster.io_nodes:
-        node.redis.close()
 
 
 def url(io_node):

@@ -218,6 +218,7 @@ def test_clients_of_a_stopped_io_node_connect_to_another(cluster):
     assert client.call("echo", 1) == [{"echo": 1}]
     io1.stop()
     wait_until(lambda: not client.sio.connected, message="client still connected to io1")
+    client.close()
     client.sio.connect(f"http://127.0.0.1:{io2.address[1]}", transports=["websocket"],
                        wait_timeout=5)
     assert client.call("echo", 2) == [{"echo": 2}]

@@ -18,20 +18,7 @@ from siocluster import (
     make_io_server,
     make_listener,
 )
-from tests.conftest import Cluster
 from tests.helpers import wait_until
-
-
-@pytest.fixture
-def cluster(config):
-    """The conftest's cluster, whose nodes also close their Redis connections when stopped
-    (nodes made by the seed's shortcuts are collected by the test's end, their sockets
-    with them)."""
-    cluster = Cluster(config)
-    yield cluster
-    cluster.stop()
-    for node in cluster.app_nodes + cluster.io_nodes:
-        node.redis.close()
 
 
 def io_listener(cluster, server_or_wsgi_app=None):
