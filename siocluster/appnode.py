@@ -388,10 +388,17 @@ class AppNode(Node):
                 del self._inflight[raw]
 
     def _reap_step(self):
-        self.stopping.wait(self.config.heartbeat_interval / 2)
-        if not self.stopping.is_set():
-            self._recover()
-            self.reaper.step()
+        period = self.config.heartbeat_interval / 2
+        started = time.monotonic()
+        self.stopping.wait(period)
+        if self.stopping.is_set():
+            return
+        if time.monotonic() - started > period + self.config.heartbeat_interval:
+            # this process stalled (CPU starved, a long synchronous call): nodes living in
+            # it could not heartbeat either, so give them a round before judging anyone
+            return
+        self._recover()
+        self.reaper.step()
 
     def _redis_back(self) -> None:
         was_down = self._redis_down_since is not None
@@ -666,7 +673,10 @@ def main(argv=None) -> None:
     parser.add_argument("app", help="the App to run, as package.module:attr")
     config, args = Config.load(argv, parser=parser)
     node = AppNode(args.app, config)
-    node.start()
+    try:
+        node.start()
+    except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
+        raise SystemExit(f"app-node: {exc}")
     shutdown = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, shutdown.set)
     gevent.signal_handler(signal.SIGINT, shutdown.set)

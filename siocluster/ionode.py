@@ -248,10 +248,28 @@ class IoNode(Node):
         options = {"handler_class": WebSocketHandler, "log": None}
         options.update(server_options)
         self._server = pywsgi.WSGIServer(address, self, **options)
+        # gevent-websocket upgrades before the application runs: without this hook a
+        # websocket handshake from a foreign origin would be upgraded, then closed
+        self._server.pre_start_hook = self._refuse_upgrade
         self._server.start()
         self.address = self._server.address
         self.heartbeat()
         return self._server
+
+    def origin_allowed(self, environ: dict) -> bool:
+        """Whether a request's ``Origin`` may open a Socket.IO connection here, by the very
+        rule Engine.IO applies (``cors_allowed_origins``)."""
+        origin = environ.get("HTTP_ORIGIN")
+        eio = self.sio.eio
+        if not origin or eio.cors_allowed_origins == []:
+            return True
+        allowed = eio._cors_allowed_origins(environ)
+        return allowed is None or origin in allowed
+
+    def _refuse_upgrade(self, handler) -> bool:
+        """gevent-websocket's pre-start hook: a websocket handshake from a foreign origin is
+        not upgraded, so Engine.IO answers it with an HTTP 400 as it does a polling one."""
+        return not self.origin_allowed(handler.environ)
 
     def info(self) -> dict:
         info = super().info()
@@ -638,7 +656,10 @@ def main(argv=None) -> None:
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
     config, _ = Config.load(argv, parser=parser)
     node = IoNode(config)
-    node.start()
+    try:
+        node.start()
+    except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
+        raise SystemExit(f"io-node: {exc}")
     try:
         node.start_server()
     except PermissionError:

@@ -87,20 +87,31 @@ class Node:
 
     def check_redis(self) -> None:
         """Ping Redis once at start, so a wrong URL or password fails here, clearly."""
+        from urllib.parse import urlsplit
+
         from redis.exceptions import AuthenticationError, ResponseError
 
         url = self.config.effective_redis_url
-        shown = url.split("@")[-1]
+        parts = urlsplit(url)
+        shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"  # no secrets
         try:
             self.redis.ping()
-        except AuthenticationError as exc:
-            raise RuntimeError(f"Redis at {shown} refused the password or user: {exc}. "
-                               "Check REDIS_URL (redis://user:password@host:port/db).")
-        except ResponseError as exc:
-            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise RuntimeError(f"Redis at {shown} needs a password: {exc}. "
-                                   "Put it in REDIS_URL (redis://:password@host:port/db).")
-            raise
+        except (AuthenticationError, ResponseError) as exc:
+            if isinstance(exc, ResponseError) and not any(
+                    word in str(exc) for word in ("NOAUTH", "WRONGPASS")):
+                raise
+            try:
+                given = urlsplit(url).password
+            except ValueError:
+                given = None
+            if not (given or self.config.redis_options.get("password")):
+                raise RuntimeError(
+                    f"Redis at {shown} needs a password ({exc}). Put it in REDIS_URL: "
+                    "redis://:password@host:port/db, or redis://user:password@host:port/db "
+                    "for an ACL user (or set REDIS_PASSWORD).")
+            raise RuntimeError(f"Redis at {shown} refused the user or password ({exc}). Check "
+                               "the ones in REDIS_URL (redis://user:password@host:port/db) or "
+                               "REDIS_PASSWORD.")
         except REDIS_DOWN as exc:
             raise RuntimeError(f"cannot reach Redis at {shown}: {exc}. Start redis-server, "
                                "or set SIOCLUSTER_REDIS_URL / --redis-url to where it runs.")

@@ -399,6 +399,7 @@ def test_a_stopping_io_node_drops_its_connections_and_its_clients_reconnect(clus
         client.connect(f"http://127.0.0.1:{port}", transports=[transport], wait_timeout=5)
         clients[transport] = client
     old_sids = sorted(c.get_sid() for c in clients.values())
+    first_ws = clients["websocket"].eio.ws     # python-socketio leaves it open after a drop
     try:
         io.stop()
         # a dropped connection, not a Socket.IO disconnect: clients reconnect by themselves
@@ -423,3 +424,6 @@ def test_a_stopping_io_node_drops_its_connections_and_its_clients_reconnect(clus
     finally:
         for client in clients.values():
             client.disconnect()
+            if client.eio.http is not None:     # the polling client still on its way down
+                client.eio.http.close()
+        first_ws.shutdown()
