@@ -35,10 +35,10 @@ from bench.systems import (
 SCENARIOS = ("redis", "echo", "fanout", "connections")
 SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER}
 
-FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "rooms": 30,
+FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "echo_rounds": 2, "rooms": 30,
         "fanout_start": 100.0, "fanout_factor": 1.5, "fanout_steps": 10, "fanout_refine": 2,
         "connections": 10000, "redis_requests": 50000}
-QUICK = {"duration": 0.6, "warmup": 0.2, "echo_clients": 20, "rooms": 2,
+QUICK = {"duration": 0.6, "warmup": 0.2, "echo_clients": 20, "echo_rounds": 1, "rooms": 2,
          "fanout_start": 40.0, "fanout_factor": 2.0, "fanout_steps": 1, "fanout_refine": 0,
          "connections": 200, "redis_requests": 2000}
 
@@ -61,6 +61,8 @@ def parse_args(argv=None):
     sizes.add_argument("--duration", type=float, help="seconds of each measured window")
     sizes.add_argument("--warmup", type=float, help="seconds before each window")
     sizes.add_argument("--echo-clients", type=int, help="clients in the echo scenario")
+    sizes.add_argument("--echo-rounds", type=int,
+                       help="times each system's echo is measured (the best counts)")
     sizes.add_argument("--rooms", type=int, help="chat rooms of 10 clients")
     sizes.add_argument("--fanout-start", type=float,
                        help="messages in per second of the first fan-out step")
@@ -96,13 +98,20 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def start_system(name: str, redis: Redis, logdir: str, args):
-    if name == SIOCLUSTER:
-        return start_cluster(redis, logdir, io_nodes=args.io_nodes, app_nodes=args.app_nodes,
-                             workers=args.workers)
+def start_system(name: str, logdir: str, args):
+    """A system and the redis-server of its own (None for the single process), so each
+    one's Redis commands and Redis CPU are its own."""
     if name == SINGLE:
-        return start_baseline(logdir)
-    return start_baseline(logdir, processes=2, redis=redis, tag="redismanager")
+        return start_baseline(logdir), None
+    redis = Redis.start(logdir, tag=name)
+    try:
+        if name == SIOCLUSTER:
+            return start_cluster(redis, logdir, io_nodes=args.io_nodes,
+                                 app_nodes=args.app_nodes, workers=args.workers), redis
+        return start_baseline(logdir, processes=2, redis=redis, tag="redismanager"), redis
+    except BaseException:
+        redis.stop()
+        raise
 
 
 def run(args, logdir: str) -> dict:
@@ -110,56 +119,80 @@ def run(args, logdir: str) -> dict:
                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                "load_average_before": list(os.getloadavg()), "settings": {
                    k: v for k, v in vars(args).items() if k != "out"},
-               "systems": {}}
-    with Redis.start(logdir) as redis:
-        results["machine"] = report.machine(redis.version())
-        generators = Generators.start(args.generators, logdir)
-        try:
+               "systems": {name: {} for name in args.systems}}
+    generators = Generators.start(args.generators, logdir)
+    try:
+        with Redis.start(logdir) as redis:
+            results["machine"] = report.machine(redis.version())
             if "redis" in args.scenarios:
                 say("redis-benchmark: the raw Redis ceiling")
                 results["redis_ceiling"] = scenarios.redis_ceiling(redis, args.redis_requests)
+        if "echo" in args.scenarios or "fanout" in args.scenarios:
+            compare(args, logdir, generators, results)
+        if "connections" in args.scenarios:
             for name in args.systems:
-                redis.flush()
-                figures = results["systems"].setdefault(name, {})
-                if "echo" in args.scenarios or "fanout" in args.scenarios:
-                    system = start_system(name, redis, logdir, args)
-                    figures["processes"] = {role: len(pids) for role, pids in
-                                            system.pids().items()}
-                    try:
-                        if "echo" in args.scenarios:
-                            say(f"{name}: echo, {args.echo_clients} clients")
-                            figures["echo"] = scenarios.echo(
-                                system, generators, redis, args.echo_clients, args.warmup,
-                                args.duration)
-                        if "fanout" in args.scenarios:
-                            say(f"{name}: chat fan-out, {args.rooms} rooms of 10")
-                            figures["fanout"] = scenarios.fanout(
-                                system, generators, redis, args.rooms, args.fanout_start,
-                                args.fanout_factor, args.fanout_steps, args.fanout_refine,
-                                args.warmup, args.duration)
-                        system.check()
-                    finally:
-                        system.stop()
-                if "connections" in args.scenarios and name != REDISMANAGER:
-                    # one io-node (and the app-node its connects need), or one process
-                    redis.flush()
-                    say(f"{name}: {args.connections} idle connections")
-                    system = (start_cluster(redis, logdir, io_nodes=1, app_nodes=1,
-                                            workers=args.workers, tag="conn")
-                              if name == SIOCLUSTER else start_baseline(logdir, tag="conn"))
-                    try:
-                        pid = system.pids()["io-node" if name == SIOCLUSTER else "server"][0]
-                        figures["connections"] = scenarios.connections(
-                            system, generators, pid, args.connections, settle=args.warmup)
-                    finally:
-                        system.stop()
-        finally:
-            generators.stop()
-        _derive(results)
+                if name != REDISMANAGER:   # its processes are the single process's
+                    results["systems"][name]["connections"] = connections(
+                        name, args, logdir, generators)
+    finally:
+        generators.stop()
+    _derive(results)
     results["load_average_after"] = list(os.getloadavg())
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     results["goals"] = report.goals(results)
     return results
+
+
+def compare(args, logdir: str, generators: Generators, results: dict) -> None:
+    """Echo and fan-out with every system running at once, measured in turns."""
+    started, targets = [], []
+    try:
+        for name in args.systems:
+            system, redis = start_system(name, logdir, args)
+            started.append((system, redis))
+            targets.append(scenarios.Target(system, redis, generators))
+            results["systems"][name]["processes"] = {
+                role: len(pids) for role, pids in system.pids().items()}
+        if "echo" in args.scenarios:
+            say(f"echo: {args.echo_clients} clients on each system, in turns")
+            for name, figures in scenarios.echo(targets, args.echo_clients, args.warmup,
+                                                args.duration, args.echo_rounds).items():
+                results["systems"][name]["echo"] = figures
+        if "fanout" in args.scenarios:
+            say(f"chat fan-out: {args.rooms} rooms of 10 on each system, in turns")
+            for name, figures in scenarios.fanout(
+                    targets, args.rooms, args.fanout_start, args.fanout_factor,
+                    args.fanout_steps, args.fanout_refine, args.warmup,
+                    args.duration).items():
+                results["systems"][name]["fanout"] = figures
+        for system, _ in started:
+            system.check()
+    finally:
+        for system, redis in started:
+            system.stop()
+            if redis is not None:
+                redis.stop()
+
+
+def connections(name: str, args, logdir: str, generators: Generators) -> dict:
+    """One io-node (with the app-node its connects need), or one python-socketio process."""
+    say(f"{name}: {args.connections} idle connections")
+    redis = Redis.start(logdir, tag=f"conn-{name}") if name == SIOCLUSTER else None
+    try:
+        if name == SIOCLUSTER:
+            system = start_cluster(redis, logdir, io_nodes=1, app_nodes=1,
+                                   workers=args.workers, tag="conn")
+        else:
+            system = start_baseline(logdir, tag="conn")
+        try:
+            pid = system.pids()["io-node" if name == SIOCLUSTER else "server"][0]
+            return scenarios.connections(system, generators, pid, args.connections,
+                                         settle=args.warmup)
+        finally:
+            system.stop()
+    finally:
+        if redis is not None:
+            redis.stop()
 
 
 def _derive(results: dict) -> None:

@@ -4,10 +4,14 @@ The bench starts several of these (``python -m bench.loadgen``) so that the gene
 not the bottleneck. Each reads one JSON command per line on stdin and answers it with one
 JSON line on stdout; its clients keep answering pings between commands::
 
-    {"op": "connect", "urls": [...], "first": 0, "count": 100, "room_size": 10}
-    {"op": "echo", "start_at": t, "warmup": 1, "duration": 5, "rate": 0}
-    {"op": "fanout", "start_at": t, "warmup": 1, "duration": 5, "rate": 400, "step": 1}
-    {"op": "quiet"}  {"op": "close"}  {"op": "quit"}
+    {"op": "connect", "group": "a", "urls": [...], "first": 0, "count": 100, "room_size": 10}
+    {"op": "echo", "group": "a", "start_at": t, "warmup": 1, "duration": 5, "rate": 0}
+    {"op": "fanout", "group": "a", "start_at": t, "warmup": 1, "duration": 5, "rate": 400,
+     "step": 1}
+    {"op": "quiet"}  {"op": "close", "group": "a"}  {"op": "quit"}
+
+A group is the clients of one system: several systems can hold connected clients at once,
+so the bench can measure them in turns while the others sit idle.
 
 The clients are `RawClient`s: a websocket (websocket-client) speaking the Engine.IO v4 /
 Socket.IO v5 text protocol directly. python-socketio's own client runs three greenlets and
@@ -219,13 +223,14 @@ class Generator:
     """The clients of this process and the commands the bench gives them."""
 
     def __init__(self):
-        self.clients: List[RawClient] = []
+        self.groups: Dict[str, List[RawClient]] = {}
         self.last_event = time.monotonic()
         self.chat = None             # the fan-out step being measured, or None
 
     # ---- connecting -----------------------------------------------------------------------
 
-    def connect(self, urls, first, count, room_size=0, concurrency=100, timeout=30.0):
+    def connect(self, urls, first, count, room_size=0, concurrency=100, timeout=30.0,
+                group="default"):
         """Open ``count`` clients (global numbers from ``first``), spread over ``urls``;
         with ``room_size`` each joins room ``number // room_size``."""
         started = time.monotonic()
@@ -249,23 +254,27 @@ class Generator:
         for number in range(first, first + count):
             pool.spawn(open_one, number)
         pool.join()
-        self.clients.extend(made)
+        self.groups.setdefault(group, []).extend(made)
         return {"connected": len(made), "failed": len(errors), "errors": errors[:3],
                 "seconds": time.monotonic() - started}
 
-    def close(self):
-        alive = sum(1 for c in self.clients if not c.closed)
-        for client in self.clients:
-            client.close()
-        self.clients = []
+    def close(self, group=None):
+        """Close the clients of ``group`` (of every group when None)."""
+        names = list(self.groups) if group is None else [group]
+        alive = 0
+        for name in names:
+            for client in self.groups.pop(name, []):
+                alive += not client.closed
+                client.close()
         return {"closed": alive}
 
-    def alive(self):
-        return {"alive": sum(1 for c in self.clients if not c.closed)}
+    def alive(self, group="default"):
+        return {"alive": sum(1 for c in self.groups.get(group, []) if not c.closed)}
 
     # ---- echo: emit with an ack, wait for it ------------------------------------------------
 
-    def echo(self, start_at, warmup, duration, rate=0.0, drain=5.0, timeout=10.0):
+    def echo(self, start_at, warmup, duration, rate=0.0, drain=5.0, timeout=10.0,
+             group="default"):
         """Closed loop (``rate`` 0: each client waits for its ack before the next emit) or
         open loop at ``rate`` emits per second from this process. Only round trips begun
         in the window [start_at + warmup, + duration] count."""
@@ -302,16 +311,17 @@ class Generator:
                     hist.add(perf() - sent_at)
                     counts["acked"] += 1
 
+        clients = self.groups.get(group, [])
         self._sleep_until(start_at)
         if rate <= 0:
-            gevent.joinall([gevent.spawn(closed_loop, c) for c in self.clients])
+            gevent.joinall([gevent.spawn(closed_loop, c) for c in clients])
         else:
             def send(client, n, now):
                 counted = begin <= now < end
                 if counted:
                     counts["sent"] += 1
                 client.emit("echo", {"n": n, "text": ECHO_TEXT}, record(perf(), counted))
-            self._paced(rate, start_at, end, send)
+            self._paced(clients, rate, start_at, end, send)
             self._wait(lambda: counts["acked"] >= counts["sent"], end + drain)
         lost = counts["sent"] - counts["acked"]
         hist.add_lost(lost)
@@ -319,7 +329,8 @@ class Generator:
 
     # ---- chat fan-out: every member sends at a rate, the room gets each message -------------
 
-    def fanout(self, start_at, warmup, duration, rate, step, drain=5.0, quiet=0.5):
+    def fanout(self, start_at, warmup, duration, rate, step, drain=5.0, quiet=0.5,
+               group="default"):
         """Every client sends ``chat`` to its room, ``rate`` messages per second from this
         process in all; deliveries of messages sent in the window are timed."""
         begin = start_at + warmup
@@ -335,7 +346,7 @@ class Generator:
             client.emit("chat", {"room": client.room, "ts": now, "step": step,
                                  "from": client.index, "text": CHAT_TEXT})
 
-        self._paced(rate, start_at, end, send)
+        self._paced(self.groups.get(group, []), rate, start_at, end, send)
         # then wait until deliveries stop (or the drain time is over)
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline and time.monotonic() - chat["last"] < quiet:
@@ -371,11 +382,11 @@ class Generator:
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _paced(self, rate, start_at, end, send):
+    def _paced(self, clients, rate, start_at, end, send):
         """Call ``send(client, n, now)`` ``rate`` times per second from ``start_at`` to
         ``end``, round robin over the clients. Late sends go out at once (no catch-up
         sleeping), so a slow server shows as fewer sends, not as a burst."""
-        clients = [c for c in self.clients if not c.closed]
+        clients = [c for c in clients if not c.closed]
         if not clients or rate <= 0:
             return
         interval = 1.0 / rate

@@ -76,7 +76,7 @@ def _split(total: int, parts: int) -> List[int]:
 
 
 def connect(generators: Generators, urls: List[str], clients: int, room_size: int = 0,
-            concurrency: int = 100) -> dict:
+            concurrency: int = 100, group: str = "default") -> dict:
     """Open ``clients`` connections over the generators, numbered so rooms stay whole."""
     counts = _split(clients, len(generators))
     if room_size:
@@ -87,7 +87,7 @@ def connect(generators: Generators, urls: List[str], clients: int, room_size: in
     started = time.monotonic()
     replies = generators.each("connect", [
         {"urls": urls, "first": first, "count": count, "room_size": room_size,
-         "concurrency": concurrency} for first, count in zip(firsts, counts)],
+         "concurrency": concurrency, "group": group} for first, count in zip(firsts, counts)],
         timeout=600)
     connected = sum(r["connected"] for r in replies)
     errors = [e for r in replies for e in r["errors"]]
@@ -117,47 +117,100 @@ def per_message(calls: Dict[str, int], messages: int) -> dict:
     return {"total": round(sum(calls.values()) / messages, 3), "by_command": by}
 
 
+# ---- systems measured in turns ----------------------------------------------------------
+
+class Target:
+    """A running system with the load generator's clients of its own (a group), measured
+    while the other systems sit idle."""
+
+    def __init__(self, system: System, redis: Optional[Redis], generators: Generators):
+        self.system, self.redis, self.generators = system, redis, generators
+        self.name = system.name
+        self.groups = process_groups(system, generators, redis)
+        self.opened: Optional[dict] = None
+
+    def connect(self, clients: int, room_size: int = 0) -> dict:
+        self.opened = connect(self.generators, self.system.urls, clients, room_size=room_size,
+                              group=self.name)
+        if self.opened["connected"] < clients:
+            raise BenchError(f"only {self.opened['connected']} of {clients} clients could "
+                             f"connect to {self.name}: {self.opened['errors']}")
+        return self.opened
+
+    def commands(self, rate: Optional[float] = None, **extra) -> List[dict]:
+        """One command per generator for this group; ``rate`` split by clients held."""
+        if rate is None:
+            return [{"group": self.name, **extra} for _ in range(len(self.generators))]
+        return [{**share, "group": self.name, **extra} for share in _shares(rate, self.opened)]
+
+    def timed(self, op: str, warmup: float, duration: float, commands: List[dict]):
+        return _timed(self.generators, op, Window(self.groups, self.redis), warmup, duration,
+                      commands)
+
+    def close(self) -> None:
+        self.generators.run("close", group=self.name)
+        self.system.wait_idle()
+
+
 # ---- echo ---------------------------------------------------------------------------------
 
-def echo(system: System, generators: Generators, redis: Optional[Redis], clients: int,
-         warmup: float, duration: float) -> dict:
-    """Round trips: every client emits and waits for its ack (the peak), then an open
-    loop at half the peak rate for the latency a system shows with room to spare."""
-    opened = connect(generators, system.urls, clients)
-    if opened["connected"] < clients:
-        raise BenchError(f"echo: only {opened['connected']} of {clients} clients connected "
-                         f"to {system.name}: {opened['errors']}")
-    groups = process_groups(system, generators, redis)
+def echo_peak(target: Target, warmup: float, duration: float) -> dict:
+    replies, window = target.timed("echo", warmup, duration, target.commands())
+    acked = sum(r["acked"] for r in replies)
+    hist = Histogram.merged(r["hist"] for r in replies)
+    return {"round_trips_per_s": round(acked / duration, 1), **_percentiles(hist),
+            "errors": sum(r["errors"] for r in replies), "window": window,
+            "redis_per_message": per_message(window["redis_calls"], acked)}
+
+
+def echo_paced(target: Target, rate: float, warmup: float, duration: float) -> dict:
+    replies, window = target.timed("echo", warmup, duration, target.commands(rate))
+    acked = sum(r["acked"] for r in replies)
+    hist = Histogram.merged(r["hist"] for r in replies)
+    return {"target_per_s": round(rate, 1), "round_trips_per_s": round(acked / duration, 1),
+            **_percentiles(hist), "lost": sum(r["lost"] for r in replies), "window": window}
+
+
+def echo(targets: List[Target], clients: int, warmup: float, duration: float,
+         rounds: int = 2) -> Dict[str, dict]:
+    """Round trips: every client emits and waits for its ack (the peak), then an open loop
+    at half the peak rate (the latency with room to spare). The systems take turns, each
+    measure ``rounds`` times; the best round counts (noise from other work only ever slows
+    a system down), and every round is kept."""
+    results = {}
+    for target in targets:
+        results[target.name] = {"clients": clients, "connect": target.connect(clients),
+                                "peak_rounds": [], "half_peak_rounds": []}
     try:
-        replies, window = _timed(generators, "echo", Window(groups, redis), warmup, duration,
-                                 [{} for _ in range(len(generators))])
-        acked = sum(r["acked"] for r in replies)
-        hist = Histogram.merged(r["hist"] for r in replies)
-        peak = {"round_trips_per_s": round(acked / duration, 1), **_percentiles(hist),
-                "errors": sum(r["errors"] for r in replies), "window": window,
-                "redis_per_message": per_message(window["redis_calls"], acked)}
-        half_rate = peak["round_trips_per_s"] / 2
-        replies, window = _timed(generators, "echo", Window(groups, redis), warmup, duration,
-                                 _shares(half_rate, opened))
-        acked = sum(r["acked"] for r in replies)
-        hist = Histogram.merged(r["hist"] for r in replies)
-        half = {"target_per_s": round(half_rate, 1), "round_trips_per_s": round(
-            acked / duration, 1), **_percentiles(hist), "lost": sum(r["lost"] for r in replies),
-            "window": window}
+        for _ in range(rounds):
+            for target in targets:
+                results[target.name]["peak_rounds"].append(echo_peak(target, warmup, duration))
+        for figures in results.values():
+            figures["peak"] = max(figures["peak_rounds"], key=lambda r: r["round_trips_per_s"])
+        for _ in range(rounds):
+            for target in targets:
+                figures = results[target.name]
+                half = figures["peak"]["round_trips_per_s"] / 2
+                figures["half_peak_rounds"].append(echo_paced(target, half, warmup, duration))
+        for figures in results.values():
+            figures["half_peak"] = min(figures["half_peak_rounds"], key=_p99_key)
     finally:
-        generators.run("close")
-        system.wait_idle()
-    return {"clients": clients, "connect": opened, "peak": peak, "half_peak": half}
+        for target in targets:
+            target.close()
+    return results
+
+
+def _p99_key(result: dict) -> float:
+    return result["p99_ms"] if result["p99_ms"] is not None else float("inf")
 
 
 # ---- chat fan-out ---------------------------------------------------------------------------
 
-def fanout_step(generators: Generators, groups, redis, opened: dict, rate: float, step: int,
-                warmup: float, duration: float) -> dict:
-    generators.run("quiet")
-    commands = [{**share, "step": step} for share in _shares(rate, opened)]
-    replies, window = _timed(generators, "fanout", Window(groups, redis), warmup, duration,
-                             commands)
+def fanout_step(target: Target, rate: float, step: int, warmup: float,
+                duration: float) -> dict:
+    target.generators.run("quiet")
+    replies, window = target.timed("fanout", warmup, duration,
+                                   target.commands(rate, step=step))
     sent = sum(r["sent"] for r in replies)
     delivered = sum(r["delivered"] for r in replies)
     hist = Histogram.merged(r["hist"] for r in replies)
@@ -172,48 +225,82 @@ def fanout_step(generators: Generators, groups, redis, opened: dict, rate: float
     return result
 
 
-def fanout(system: System, generators: Generators, redis: Optional[Redis], rooms: int,
-           start_rate: float, factor: float, max_steps: int, refine: int, warmup: float,
-           duration: float) -> dict:
-    """Rooms of ten, members spread over the system's servers, every member sending; the
-    rate of messages in steps up until p99 delivery latency passes 100 ms, then is refined
-    between the last rate held and the first missed."""
-    clients = rooms * ROOM_SIZE
-    opened = connect(generators, system.urls, clients, room_size=ROOM_SIZE)
-    if opened["connected"] < clients:
-        raise BenchError(f"fan-out: only {opened['connected']} of {clients} clients joined "
-                         f"{system.name}: {opened['errors']}")
-    groups = process_groups(system, generators, redis)
-    steps: List[dict] = []
-    try:
-        rate, good, bad = start_rate, None, None
-        for _ in range(max_steps):
-            result = fanout_step(generators, groups, redis, opened, rate, len(steps) + 1, warmup,
-                                 duration)
-            steps.append(result)
-            if not result["held"]:
-                bad = rate
-                break
-            good = rate
-            rate *= factor
-        for _ in range(refine if bad is not None else 0):
-            low = good if good is not None else bad / factor
-            rate = (low * bad) ** 0.5
-            result = fanout_step(generators, groups, redis, opened, rate, len(steps) + 1, warmup,
-                                 duration)
-            steps.append(result)
+class _Stepper:
+    """The rates one system is tried at: up by ``factor`` while held, then ``refine``
+    bisections between the last rate held and the first missed. A miss is tried once
+    more before it counts, so one burst of other work does not end the climb."""
+
+    def __init__(self, start: float, factor: float, max_steps: int, refine: int):
+        self.rate, self.factor = start, factor
+        self.up_left, self.refine_left = max_steps, refine
+        self.good: Optional[float] = None
+        self.bad: Optional[float] = None
+        self.confirming = False
+        self.steps: List[dict] = []
+
+    @property
+    def done(self) -> bool:
+        if self.confirming:
+            return False
+        if self.bad is None:
+            return self.up_left <= 0          # never missed: as high as it was allowed
+        return self.refine_left <= 0
+
+    def record(self, result: dict) -> None:
+        result["retry"] = self.confirming
+        self.steps.append(result)
+        if not result["held"] and not self.confirming:
+            self.confirming = True        # the same rate once more
+            return
+        self.confirming = False
+        if self.bad is None:
+            self.up_left -= 1
             if result["held"]:
-                good = rate
+                self.good = self.rate
+                self.rate *= self.factor
             else:
-                bad = rate
+                self.bad = self.rate
+        else:
+            self.refine_left -= 1
+            if result["held"]:
+                self.good = self.rate
+            else:
+                self.bad = self.rate
+        if self.bad is not None and self.refine_left > 0:
+            low = self.good if self.good is not None else self.bad / self.factor
+            self.rate = (low * self.bad) ** 0.5
+
+
+def fanout(targets: List[Target], rooms: int, start_rate: float, factor: float,
+           max_steps: int, refine: int, warmup: float, duration: float) -> Dict[str, dict]:
+    """Rooms of ten, members spread over each system's servers, every member sending; the
+    rate of messages in steps up until p99 delivery latency passes 100 ms, then is refined
+    between the last rate held and the first missed. The systems take their steps in
+    turns, so the noise of a shared machine falls on all of them alike."""
+    clients = rooms * ROOM_SIZE
+    results, steppers = {}, {}
+    for target in targets:
+        results[target.name] = {"rooms": rooms, "room_size": ROOM_SIZE, "clients": clients,
+                                "connect": target.connect(clients, room_size=ROOM_SIZE)}
+        steppers[target.name] = _Stepper(start_rate, factor, max_steps, refine)
+    step = 0
+    try:
+        while not all(s.done for s in steppers.values()):
+            for target in targets:
+                stepper = steppers[target.name]
+                if stepper.done:
+                    continue
+                step += 1
+                stepper.record(fanout_step(target, stepper.rate, step, warmup, duration))
     finally:
-        generators.run("close")
-        system.wait_idle()
-    held = [s for s in steps if s["held"]]
-    best = max(held, key=lambda s: s["out_per_s"]) if held else None
-    return {"rooms": rooms, "room_size": ROOM_SIZE, "clients": clients, "connect": opened,
-            "best_held": best, "peak_out_per_s": max(s["out_per_s"] for s in steps),
-            "steps": steps}
+        for target in targets:
+            target.close()
+    for name, figures in results.items():
+        steps = steppers[name].steps
+        held = [s for s in steps if s["held"]]
+        figures.update(best_held=max(held, key=lambda s: s["out_per_s"]) if held else None,
+                       peak_out_per_s=max(s["out_per_s"] for s in steps), steps=steps)
+    return results
 
 
 # ---- idle connections -----------------------------------------------------------------------

@@ -128,15 +128,16 @@ class Redis:
         self.client = redis.Redis(port=port, decode_responses=True)
 
     @classmethod
-    def start(cls, logdir: str) -> "Redis":
+    def start(cls, logdir: str, tag: str = "") -> "Redis":
         exe = shutil.which("redis-server")
         if exe is None:
             raise BenchError("redis-server is not installed: run `make install` (it installs "
                              "it) or `apt-get install redis-server`")
         port = free_port()
-        datadir = os.path.join(logdir, "redis-data")
+        name = f"redis-server-{tag.replace(' ', '-')}" if tag else "redis-server"
+        datadir = os.path.join(logdir, f"{name}-data")
         os.makedirs(datadir, exist_ok=True)
-        proc = Proc("redis-server", [exe, "--port", str(port), "--bind", "127.0.0.1",
+        proc = Proc(name, [exe, "--port", str(port), "--bind", "127.0.0.1",
                                      "--save", "", "--appendonly", "no", "--dir", datadir,
                                      "--protected-mode", "no", "--maxclients", "20000"], logdir)
         wait_for_port(port, proc)
