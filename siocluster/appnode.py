@@ -369,6 +369,7 @@ class AppNode(Node):
     def _work_step(self):
         raw = self.redis.blmove(self.keys.inbox, self.processing, self.config.pop_timeout,
                                 "RIGHT", "LEFT")
+        self._redis_back()
         if raw is None:
             return
         # registered before anything can yield, so `_recover` never takes a held message

@@ -453,6 +453,7 @@ class IoNode(Node):
             if item.record is not None:
                 self.state.add_client(item.record, pipe)
         refused = pipe.execute()[0]
+        self._redis_back()
         sent, self._unsent = self._unsent, []
         for index in refused:
             self._refused_by_inbox(sent[int(index)])
@@ -531,11 +532,17 @@ class IoNode(Node):
 
     def _listen_step(self):
         if self._check_streams_due:
-            self._check_streams_due = False
             self._check_streams()
+            self._check_streams_due = False
         count = defaults.COMMAND_BATCH
-        reply = self.redis.xread(dict(self.last_ids), count=count,
-                                 block=int(self.config.pop_timeout * 1000))
+        try:
+            reply = self.redis.xread(dict(self.last_ids), count=count,
+                                     block=int(self.config.pop_timeout * 1000))
+        except REDIS_DOWN:
+            # whatever was trimmed meanwhile is told before anything newer is applied
+            self._check_streams_due = True
+            raise
+        self._redis_back()
         if not reply:
             return
         entries, cap = [], None

@@ -2,9 +2,10 @@
 
 A node's work is a few loops, each a greenlet running ``while not stopping: step()``.
 A step that raises is logged and the loop goes on; when Redis is unreachable the loop
-backs off (doubling up to a cap, reset after a success) and says so once, not once per
-message. `stop()` sets the flag and `join()` waits, so tests start and stop real nodes
-in-process.
+backs off (doubling up to a cap, reset after a success) and the node says so once, not
+once per message; a step that got an answer from Redis calls `_redis_back()`, which says
+once that Redis is back. `stop()` sets the flag and `join()` waits, so tests start and
+stop real nodes in-process.
 """
 
 import json
@@ -160,7 +161,6 @@ class Node:
                 self.stopping.wait(backoff.next())
                 continue
             backoff.reset()
-            self._redis_back()
 
     def _redis_lost(self, name, exc) -> None:
         if self._redis_down_since is None:
@@ -201,4 +201,5 @@ class Node:
 
     def _heartbeat_step(self):
         self.heartbeat()
+        self._redis_back()
         self.stopping.wait(self.config.heartbeat_interval)

@@ -360,8 +360,10 @@ def test_a_redis_restart_in_the_middle_of_a_chat_loses_no_event_and_no_command(
           f" broadcasts and {len(ids)} acks delivered ({received - len(ids) * len(clients)} "
           f"duplicates), {recovered:.1f}s after it went down")
     assert all(proc.poll() is None for proc in ios + apps)
-    logs = "".join(nodes.output(p) for p in ios + apps)
-    assert "lost Redis" in logs and "Redis is back" in logs
-    assert "taken for dead" not in logs
+    for proc in ios + apps:
+        log = nodes.output(proc)
+        # said once per outage, not once per message
+        assert 1 <= log.count("lost Redis") <= 2 and 1 <= log.count("Redis is back") <= 2, log
+        assert "taken for dead" not in log
     for client in clients:
         client.close()
