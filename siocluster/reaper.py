@@ -181,12 +181,17 @@ class Reaper:
     def step(self) -> Dict[str, List[str]]:
         """One pass if no other reaper holds the lock; returns the ids of the nodes it
         buried by role (``{}`` when it was not this node's turn)."""
+        asked = time.monotonic()
         if not self.ready():
             return {}
         lock_ms = max(100, int(self.config.heartbeat_interval * 1000))
         # the lock is left to expire, not released: one pass per heartbeat interval however
         # many app-nodes try
         if not self.redis.set(lock_key(self.keys), self.node.id, nx=True, px=lock_ms):
+            return {}
+        if time.monotonic() - asked > self.config.heartbeat_interval:
+            # Redis was slow to answer (paused, swapping): other nodes' heartbeats may be
+            # waiting in line behind our questions, so judge no one this round
             return {}
         return self.reap()
 

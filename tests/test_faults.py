@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,9 +72,11 @@ class Nodes:
         return next(n for n in self.state.nodes(alive=None) if f"-{proc.pid}-" in n)
 
     def wait_registered(self, *procs):
+        """Until every node is in the registry, and every io-node listens."""
         def up():
             ids = " ".join(self.state.nodes())
-            return all(f"-{p.pid}-" in ids for p in procs)
+            return all(f"-{p.pid}-" in ids and (not hasattr(p, "port") or _listening(p.port))
+                       for p in procs)
         wait_until(lambda: self._alive(procs) and up(), timeout=30, interval=0.1,
                    message="nodes did not register")
 
@@ -117,6 +120,12 @@ def nodes_factory(tmp_path):
     yield make
     for nodes in made:
         nodes.close()
+
+
+def _listening(port):
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def connect(proc, **kwargs):
@@ -365,5 +374,50 @@ def test_a_redis_restart_in_the_middle_of_a_chat_loses_no_event_and_no_command(
         # said once per outage, not once per message
         assert 1 <= log.count("lost Redis") <= 2 and 1 <= log.count("Redis is back") <= 2, log
         assert "taken for dead" not in log
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.slow
+def test_a_redis_that_stops_answering_is_noticed_and_nothing_is_lost(durable_redis,
+                                                                     nodes_factory):
+    # SIGSTOP leaves every TCP connection open with no one answering: a half-open Redis.
+    # A 2 s socket timeout (10 s by default) keeps the test short.
+    nodes = nodes_factory(durable_redis.url, SIOCLUSTER_REDIS_OPTIONS=json.dumps(
+        {"socket_timeout": 2, "health_check_interval": 1}), **FAST)
+    io, app = nodes.io_node(), nodes.app_node("chat")
+    nodes.wait_registered(io, app)
+    clients = _lobby(nodes, io, 2)
+    per_client = 200
+    ids = {f"{k}-{n}" for k in range(len(clients)) for n in range(per_client)}
+    sent = []
+
+    def chat(k):
+        for n in range(per_client):
+            clients[k].sio.emit("say", {"id": f"{k}-{n}", "room": "lobby"})
+            sent.append(1)
+            gevent.sleep(0.03)
+
+    talkers = [gevent.spawn(chat, k) for k in range(len(clients))]
+    wait_until(lambda: len(sent) >= 50, timeout=20, message="the chat stalled")
+    frozen = time.monotonic()
+    os.kill(durable_redis.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: len(sent) >= 300, timeout=30,
+                   message="the clients stopped talking while Redis was frozen")
+    finally:
+        os.kill(durable_redis.proc.pid, signal.SIGCONT)
+    frozen_for = time.monotonic() - frozen
+    gevent.joinall(talkers, timeout=60, raise_error=True)
+    wait_until(lambda: all({a[0]["id"] for a in c.received("said")} == ids for c in clients),
+               timeout=60, interval=0.1, message="a client missed messages said in the room")
+    assert nodes.redis.smembers(nodes.key("said")) == ids
+    duplicates = sum(len(c.received("said")) for c in clients) - len(ids) * len(clients)
+    print(f"\nredis-server frozen (SIGSTOP) {frozen_for:.1f}s in a chat of {len(ids)} messages: "
+          f"noticed by socket timeouts, nothing lost, {duplicates} duplicate broadcasts")
+    for proc in (io, app):
+        log = nodes.output(proc)
+        assert "lost Redis (TimeoutError" in log or "lost Redis (ConnectionError" in log, log
+        assert log.count("lost Redis") <= 2 and "taken for dead" not in log, log
     for client in clients:
         client.close()
