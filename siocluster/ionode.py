@@ -664,9 +664,10 @@ def main(argv=None) -> None:
     config, _ = Config.load(argv, parser=parser)
     node = IoNode(config)
     try:
-        node.start()
+        node.check_redis()
     except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
         raise SystemExit(f"io-node: {exc}")
+    # listening before registering: the frontend-node lists registered io-nodes to browsers
     try:
         node.start_server()
     except PermissionError:
@@ -675,6 +676,7 @@ def main(argv=None) -> None:
     except OSError as exc:
         raise SystemExit(f"io-node: cannot listen on {config.http_host}:{config.http_port}: "
                          f"{exc}; choose another with --host/--port")
+    node.start()
     logging.getLogger("siocluster").info("io-node %s listening on %s:%s", node.id,
                                          *node.address[:2])
     import signal
