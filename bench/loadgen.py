@@ -14,9 +14,9 @@ A group is the clients of one system: several systems can hold connected clients
 so the bench can measure them in turns while the others sit idle.
 
 The clients are `RawClient`s: a websocket (websocket-client) speaking the Engine.IO v4 /
-Socket.IO v5 text protocol directly. python-socketio's own client runs three greenlets and
-a queue per connection, which is several times the CPU per message (BENCHMARKS.md has the
-figures), and a generator that spends its time in its clients measures itself.
+Socket.IO v5 text protocol directly. python-socketio's own client runs background
+greenlets and queues per connection, which costs several times the CPU per message
+(BENCHMARKS.md has the figures), and a generator busy with its clients measures itself.
 Times that cross processes (a chat message's send time) are `time.time()`, the one wall
 clock every process on the machine shares.
 """
