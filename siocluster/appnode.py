@@ -179,7 +179,7 @@ class App:
                 raise ValueError("a callback needs one client: pass its sid as `to`")
             node = self._node()
             node.flush()
-            node.spawn(lambda: callback(*node.call_args(event, data, to, namespace, None)))
+            node.spawn(node.call_back, callback, event, data, to, namespace)
             return
         command = {"m": "emit", "ns": namespace or "/", "event": event,
                    **pack_args(data_to_args(data))}
@@ -624,6 +624,21 @@ class AppNode(Node):
         if node is None and results[-1]:
             node = loads(results[-1]).get("node")
         self.command({"m": method, "ns": namespace, "sid": sid, "room": room}, node)
+
+    def call_back(self, callback: Callable, event: str, data: Any, sid: str,
+                  namespace: Optional[str]) -> None:
+        """`App.emit` with a callback: wait for the client's answer in a greenlet of its own;
+        no answer in time is logged, as python-socketio drops a callback never called."""
+        try:
+            answer = self.call_args(event, data, sid, namespace, None)
+        except CallTimeout:
+            self.logger.warning("app-node %s: %s did not answer %r in time; its callback "
+                                "is not called", self.id, sid, event)
+            return
+        try:
+            callback(*answer)
+        except Exception:
+            self.logger.exception("app-node %s: callback for %r failed", self.id, event)
 
     def call_args(self, event: str, data: Any, sid: str, namespace: Optional[str],
                   timeout: Optional[float]) -> list:

@@ -140,7 +140,8 @@ class Config:
                                "events per second per connection (0: unlimited)")
     rate_burst: int = _field(defaults.RATE_BURST, "events a connection may send at once")
     cors_allowed_origins: Optional[List[str]] = _field(
-        None, "origins allowed to open Socket.IO connections (default: the frontend's)")
+        None, "origins allowed to open Socket.IO connections "
+              "(default: pages on the io-node's own host name)")
 
     inbox_maxlen: int = _field(defaults.INBOX_MAXLEN,
                                "client messages waiting in Redis before new ones are refused")
