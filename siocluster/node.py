@@ -133,6 +133,17 @@ class Node:
         except REDIS_DOWN:
             self.logger.warning("could not deregister %s: Redis is unreachable", self.id)
 
+    def run_until_signalled(self, doing: str = "stopping") -> None:
+        """For entry points: block until SIGTERM or SIGINT, then `stop()` gracefully."""
+        import signal
+
+        shutdown = gevent.event.Event()
+        gevent.signal_handler(signal.SIGTERM, shutdown.set)
+        gevent.signal_handler(signal.SIGINT, shutdown.set)
+        shutdown.wait()
+        self.logger.info("%s %s %s", self.role, self.id, doing)
+        self.stop()
+
     def join(self, timeout=None) -> None:
         gevent.joinall(self._greenlets, timeout=timeout)
         gevent.killall([g for g in self._greenlets if not g.dead], timeout=1)
