@@ -11,9 +11,12 @@ The application is an `App`, written like a python-socketio server::
 
 An `AppNode` runs it: ``workers`` greenlets each block on the inbox with ``BLMOVE`` into
 this app-node's processing list, call the handler, send the commands the handler made in
-one stream write, and drop the message from the processing list. Each message goes to
-exactly one app-node. A handler that raises is logged with its envelope; the message is
-tried again, and after ``max_attempts`` it goes to the dead-letter list.
+one stream write, and drop the message from the processing list. When more messages wait,
+a worker takes up to `TAKE_MORE` more at once into the processing list, handles them in
+order and writes all their commands in one round trip. Each message goes to exactly one
+app-node. A handler that raises is logged with its envelope; the message is tried again
+(its own commands dropped, the other messages of its batch unaffected), and after
+``max_attempts`` it goes to the dead-letter list.
 
 Run it with ``python -m siocluster.appnode package.module:app``.
 """
@@ -54,6 +57,27 @@ from .reaper import Reaper, requeue
 RESERVED_EVENTS = ("connect", "disconnect", "no-client")
 NOT_HANDLED = object()
 SEEN_CLIENTS = 100_000   # sids an app-node remembers (for `no-client` and routing)
+# Messages a worker takes at once when more wait, besides one: one round trip to take them
+# and one to write all their commands halves the app-node's CPU per message under load,
+# while a batch stays short enough (a few ms of handlers) not to delay its first acks.
+TAKE_MORE = 15
+
+# Move up to ARGV[1] messages from the inbox to a processing list, as BLMOVE does one, in
+# one script: a crash leaves each either in the inbox or in the processing list, where the
+# reaper finds it. KEYS: inbox, processing. Returns the messages, oldest first, then how
+# many still wait in the inbox.
+_TAKE = """
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not raw then
+    break
+  end
+  taken[#taken + 1] = raw
+end
+taken[#taken + 1] = redis.call('LLEN', KEYS[1])
+return taken
+"""
 
 
 class CallTimeout(sio_exceptions.TimeoutError, TimeoutError):
@@ -321,6 +345,7 @@ class AppNode(Node):
         self._seen: OrderedDict[str, str] = OrderedDict()   # sid -> io-node, LRU
         self.handled = 0
         self.reaper = Reaper(self)
+        self._take = self.redis.register_script(_TAKE)
         self._inflight: Dict[str, int] = {}   # raw envelopes the workers hold right now
         # after a Redis blip: None, True (look at the processing list), or the set of
         # messages no worker held at the first look (moved back if still unheld at the next)
@@ -367,26 +392,46 @@ class AppNode(Node):
     # ---- the loop ---------------------------------------------------------------------------
 
     def _work_step(self):
-        raw = self.redis.blmove(self.keys.inbox, self.processing, self.config.pop_timeout,
-                                "RIGHT", "LEFT")
-        self._redis_back()
-        if raw is None:
+        raws = self._take_messages()
+        if not raws:
             return
         # registered before anything can yield, so `_recover` never takes a held message
-        self._inflight[raw] = self._inflight.get(raw, 0) + 1
+        for raw in raws:
+            self._inflight[raw] = self._inflight.get(raw, 0) + 1
         try:
             if self.stopping.is_set():
                 # popped while stop() waited: not ours to start any more, first in line again
-                requeue(self.redis, self.keys, self.processing, [raw], node=self.id,
-                        max_attempts=self.config.max_attempts, count_attempt=False,
-                        error="", script=self.reaper._move)
+                self._give_back(raws)
                 return
-            self.handle(raw)
+            self.handle_batch(raws)
         finally:
-            if self._inflight[raw] > 1:
-                self._inflight[raw] -= 1
-            else:
-                del self._inflight[raw]
+            for raw in raws:
+                if self._inflight[raw] > 1:
+                    self._inflight[raw] -= 1
+                else:
+                    del self._inflight[raw]
+
+    def _take_messages(self) -> List[str]:
+        """The next messages for this worker: several when the last round trip saw more
+        waiting, else one, waiting for it with a blocking ``BLMOVE``."""
+        if getattr(self._ctx, "more", False):
+            *raws, waiting = self._take(keys=[self.keys.inbox, self.processing],
+                                        args=[TAKE_MORE + 1])
+            self._redis_back()
+            self._ctx.more = waiting > 0
+            if raws:
+                return raws
+        self._ctx.more = False
+        raw = self.redis.blmove(self.keys.inbox, self.processing, self.config.pop_timeout,
+                                "RIGHT", "LEFT")
+        self._redis_back()
+        return [] if raw is None else [raw]
+
+    def _give_back(self, raws: List[str]) -> None:
+        """Messages taken but not started go back to the front of the inbox, in order."""
+        requeue(self.redis, self.keys, self.processing, raws[::-1], node=self.id,
+                max_attempts=self.config.max_attempts, count_attempt=False,
+                error="", script=self.reaper._move)
 
     def _reap_step(self):
         period = self.config.heartbeat_interval / 2
@@ -428,13 +473,39 @@ class AppNode(Node):
 
     def handle(self, raw: str) -> None:
         """Handle one raw envelope taken from the inbox into the processing list."""
+        self.handle_batch([raw])
+
+    def handle_batch(self, raws: List[str]) -> None:
+        """Handle raw envelopes taken from the inbox into the processing list, oldest first,
+        one after the other; then write all they left behind in one round trip. A handler
+        that waits (`App.flush`, `App.sleep`, `App.call`) first sends what the messages
+        before it left and gives the ones after it back to the inbox, so none wait on it."""
+        done: List[Finish] = []
+        rest = list(raws)
+        self._ctx.done, self._ctx.rest = done, rest
+        try:
+            # stop() waits for what is in flight: what is not started yet goes back
+            while rest and not self.stopping.is_set():
+                done.append(self._handle_one(rest.pop(0)))
+            self._finish(done)
+        finally:
+            self._ctx.done = self._ctx.rest = None
+        for finish in done:
+            if finish.handled:
+                self.handled += 1
+            if finish.forget is not None:
+                self._seen.pop(finish.forget.sid, None)
+        if rest:
+            self._give_back(rest)
+
+    def _handle_one(self, raw: str) -> "Finish":
+        """Run one message's handler; returns what it leaves to write."""
         try:
             envelope = Envelope.decode(raw)
         except Exception as exc:     # MessageError, or a field of the wrong type
             self.logger.error("app-node %s: malformed message moved to %s: %s (%.200r)",
                               self.id, self.keys.dead, exc, raw)
-            self._finish(raw, [], dead={"error": f"malformed: {exc}", "raw": raw})
-            return
+            return Finish(raw, dead={"error": f"malformed: {exc}", "raw": raw})
         self.app._running.node = self
         self._ctx.envelope = envelope
         self._ctx.batch = []
@@ -443,33 +514,28 @@ class AppNode(Node):
             self.dispatch(envelope)
         except REDIS_DOWN as exc:
             # not the message's fault: again later, without counting an attempt
-            self._ctx.batch = None
             self._redis_lost("handler", exc)
-            self._finish(raw, [], retry=envelope.encode())
-            return
+            return Finish(raw, retry=envelope.encode())
         except Exception as exc:
             self.logger.exception("app-node %s: handler failed on %s %r of %s (attempt %d): %s",
                                   self.id, envelope.kind, envelope.event, envelope.sid,
                                   envelope.attempt + 1, envelope.encode()[:500])
             # the handler's commands are dropped: a retry would send them again
-            self._ctx.batch = None
-            self._retry(raw, envelope, f"{exc.__class__.__name__}: {exc}")
-            return
-        batch, self._ctx.batch = self._ctx.batch, None
+            return self._retry(raw, envelope, f"{exc.__class__.__name__}: {exc}")
+        finally:
+            batch, self._ctx.batch, self._ctx.envelope = self._ctx.batch, None, None
         gone = envelope.kind == "disconnect" or self._ctx.refused
-        self._finish(raw, batch, forget=envelope if gone else None)
-        self.handled += 1
-        if gone:
-            self._seen.pop(envelope.sid, None)
+        return Finish(raw, batch, forget=envelope if gone else None, handled=True)
 
-    def _finish(self, raw: str, batch, dead: Optional[dict] = None, retry: Optional[str] = None,
-                forget: Optional[Envelope] = None):
-        """Write what a handled message left behind, retrying while Redis is unreachable:
-        the handler ran, so its commands wait here until Redis takes them."""
+    def _finish(self, done: List["Finish"]) -> None:
+        """Write what handled messages left behind, retrying while Redis is unreachable:
+        the handlers ran, so their commands wait here until Redis takes them."""
+        if not done:
+            return
         backoff = Backoff()
         while True:
             try:
-                self._finish_once(raw, batch, dead, retry, forget)
+                self._finish_once(done)
             except REDIS_DOWN as exc:
                 self._redis_lost("finish", exc)
                 gevent.sleep(backoff.next())
@@ -477,30 +543,34 @@ class AppNode(Node):
             self._redis_back()
             return
 
-    def _finish_once(self, raw: str, batch, dead: Optional[dict], retry: Optional[str],
-                     forget: Optional[Envelope]):
-        """One round trip: the handler's commands, the state of a client that left, and the
-        message off the processing list."""
+    def _finish_once(self, done: List["Finish"], batch=()) -> None:
+        """One round trip: the handlers' commands (then ``batch``, the running handler's),
+        the state of clients that left, the messages off the processing list, and whether
+        more messages wait."""
         pipe = self.redis.pipeline(transaction=False)
-        self._write_commands(pipe, batch)
-        if forget is not None:
-            # only now: the disconnect handler could still read the client's rooms and session
-            self.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
-        if dead is not None:
-            pipe.lpush(self.keys.dead, dumps({**dead, "ts": time.time(), "app_node": self.id}))
-        if retry is not None:
-            pipe.lpush(self.keys.inbox, retry)
-        pipe.lrem(self.processing, 1, raw)
-        pipe.execute()
+        self._write_commands(pipe, [f.batch for f in done] + [batch])
+        for finish in done:
+            if finish.forget is not None:
+                # only now: the disconnect handler could still read the client's rooms and
+                # session
+                forget = finish.forget
+                self.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
+            if finish.dead is not None:
+                pipe.lpush(self.keys.dead, dumps({**finish.dead, "ts": time.time(),
+                                                  "app_node": self.id}))
+            if finish.retry is not None:
+                pipe.lpush(self.keys.inbox, finish.retry)
+            pipe.lrem(self.processing, 1, finish.raw)
+        pipe.llen(self.keys.inbox)
+        self._ctx.more = pipe.execute()[-1] > 0
 
-    def _retry(self, raw: str, envelope: Envelope, error: str) -> None:
+    def _retry(self, raw: str, envelope: Envelope, error: str) -> "Finish":
         envelope.attempt += 1
         if envelope.attempt >= self.config.max_attempts:
             self.logger.error("app-node %s: message %s failed %d times, moved to %s",
                               self.id, envelope.id, envelope.attempt, self.keys.dead)
-            self._finish(raw, [], dead={"error": error, "raw": envelope.encode()})
-        else:
-            self._finish(raw, [], retry=envelope.encode())
+            return Finish(raw, dead={"error": error, "raw": envelope.encode()})
+        return Finish(raw, retry=envelope.encode())
 
     # ---- dispatch ---------------------------------------------------------------------------
 
@@ -584,30 +654,48 @@ class AppNode(Node):
             batch.append((node, command))
         else:
             pipe = self.redis.pipeline(transaction=False)
-            self._write_commands(pipe, [(node, command)])
+            self._write_commands(pipe, [[(node, command)]])
             pipe.execute()
 
     def flush(self) -> None:
-        """Send the current handler's commands now (before a call() waits, say)."""
-        batch = getattr(self._ctx, "batch", None)
-        if batch:
+        """Send the current handler's commands now (before a call() waits, say), with what
+        the messages handled before it in its batch left; the messages after it go back to
+        the inbox for other workers, rather than wait behind a handler that waits."""
+        rest = getattr(self._ctx, "rest", None)
+        if rest:
+            left, rest[:] = rest[:], []
+            self._give_back(left)
+        done = getattr(self._ctx, "done", None) or []
+        batch = getattr(self._ctx, "batch", None) or []
+        if done:
+            self._finish_once(done, batch)
+            self.handled += sum(1 for finish in done if finish.handled)
+            for finish in done:
+                if finish.forget is not None:
+                    self._seen.pop(finish.forget.sid, None)
+            del done[:]
+        elif batch:
             pipe = self.redis.pipeline(transaction=False)
-            self._write_commands(pipe, batch)
+            self._write_commands(pipe, [batch])
             pipe.execute()
-            del batch[:]
+        del batch[:]
 
-    def _write_commands(self, pipe, batch: List[Tuple[Optional[str], dict]]) -> None:
-        """A batch meant for one io-node's clients goes to that node's stream, anything
-        addressed more widely to the stream every io-node reads; order is kept."""
-        if not batch:
-            return
+    def _write_commands(self, pipe, batches: List[List[Tuple[Optional[str], dict]]]) -> None:
+        """Write the commands of handlers (a batch for each, in the order they ran) in one
+        XADD per stream. A handler's commands meant for one io-node's clients go to that
+        node's stream, any addressed more widely all to the stream every io-node reads: so
+        each io-node gets a handler's commands in order, and handlers' in the order they
+        ran."""
+        groups: Dict[str, List[dict]] = {}
+        for batch in batches:
+            if not batch:
+                continue
+            if any(node is None for node, _ in batch):
+                groups.setdefault(self.keys.commands, []).extend(c for _, c in batch)
+            else:
+                for node, command in batch:
+                    groups.setdefault(self.keys.node_commands(node), []).append(command)
         maxlen = self.config.stream_maxlen
-        if any(node is None for node, _ in batch):
-            groups = {self.keys.commands: [c for _, c in batch]}
-        else:
-            groups = {}
-            for node, command in batch:
-                groups.setdefault(self.keys.node_commands(node), []).append(command)
         for stream, commands in groups.items():
             pipe.xadd(stream, {"b": encode_batch(commands)}, maxlen=maxlen, approximate=True)
 
@@ -649,7 +737,7 @@ class AppNode(Node):
         command = {"m": "call", "ns": namespace or "/", "sid": sid, "event": event,
                    "reply": reply, **pack_args(data_to_args(data))}
         pipe = self.redis.pipeline(transaction=False)
-        self._write_commands(pipe, [(self.known_node(sid, lookup=True), command)])
+        self._write_commands(pipe, [[(self.known_node(sid, lookup=True), command)]])
         pipe.execute()
         deadline = time.monotonic() + timeout
         # short blocking pops keep each one under the socket timeout
@@ -660,6 +748,19 @@ class AppNode(Node):
             got = self.redis.blpop(reply, timeout=min(remaining, self.config.pop_timeout))
             if got is not None:
                 return unpack_args(loads(got[1]))
+
+
+class Finish:
+    """What a handled message leaves to write: its handler's commands, a client to forget,
+    a retry or a dead-letter record; then it leaves the processing list."""
+
+    __slots__ = ("raw", "batch", "dead", "retry", "forget", "handled")
+
+    def __init__(self, raw: str, batch=(), dead: Optional[dict] = None,
+                 retry: Optional[str] = None, forget: Optional[Envelope] = None,
+                 handled: bool = False):
+        self.raw, self.batch, self.dead, self.retry = raw, batch, dead, retry
+        self.forget, self.handled = forget, handled
 
 
 def load_app(path: str) -> App:

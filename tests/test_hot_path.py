@@ -1,0 +1,121 @@
+"""The fast message path keeps the delivery guarantees: app-nodes take waiting messages in
+batches, io-nodes push by script sha.
+
+Messages are put in the inbox before the app-node starts, so its workers find a backlog and
+take several at a time; the commands they wrote are read back from the command stream.
+"""
+
+import json
+
+import gevent
+import gevent.event
+
+from siocluster import App, Keys
+from siocluster.appnode import TAKE_MORE
+from siocluster.envelope import Envelope, decode_batch
+from tests.helpers import wait_until
+
+
+def event(sid, name, *args):
+    return Envelope("event", "/", sid, "io-node-x", {"sid": sid}, event=name, args=list(args))
+
+
+def fill_inbox(redis_client, keys, messages):
+    # LPUSH one by one: the first message ends up where consumers pop
+    for message in messages:
+        redis_client.lpush(keys.inbox, message.encode())
+
+
+def said(redis_client, keys):
+    """The data of every `said` emit in the stream every io-node reads, in stream order,
+    and how many stream entries carried them."""
+    entries = redis_client.xrange(keys.commands)
+    data = [command["args"][0] for _, fields in entries for command in decode_batch(fields["b"])
+            if command.get("event") == "said"]
+    return data, len(entries)
+
+
+def test_a_batch_keeps_order_and_a_failing_handler_retries_only_its_own_message(
+        cluster, config, redis_client):
+    keys = Keys(config.prefix)
+    app, deliveries = App(), {}
+
+    @app.on("say")
+    def say(sid, n):
+        deliveries.setdefault(n, []).append(app.delivery())
+        app.emit("said", n, to="room")
+        if n == 7:
+            raise ValueError("seven fails")    # after its emit: that emit must be dropped
+
+    messages = [event("s", "say", n) for n in range(3 * (TAKE_MORE + 1))]
+    fill_inbox(redis_client, keys, messages)
+    node = cluster.app_node(app, workers=1, max_attempts=2)
+    wait_until(lambda: redis_client.llen(keys.dead) == 1, timeout=10,
+               message="the failing message was not dead-lettered")
+    wait_until(lambda: node.handled == len(messages) - 1, message="messages not handled")
+    data, entries = said(redis_client, keys)
+    assert data == [n for n in range(len(messages)) if n != 7]
+    assert entries < len(messages) // 2, "the worker wrote one stream entry per message"
+    # each handler saw its own message: one delivery each, two for the failing one
+    assert {n: [d[0] for d in ds] for n, ds in deliveries.items()} == {
+        n: [m.id] * (2 if n == 7 else 1) for n, m in enumerate(messages)}
+    assert [attempt for _, attempt in deliveries[7]] == [0, 1]
+    dead = json.loads(redis_client.lindex(keys.dead, 0))
+    assert dead["error"] == "ValueError: seven fails"
+    assert Envelope.decode(dead["raw"]).id == messages[7].id
+    assert redis_client.llen(node.processing) == 0
+    assert redis_client.llen(keys.inbox) == 0
+
+
+def test_a_handler_that_waits_gives_the_rest_of_its_batch_to_other_workers(
+        cluster, config, redis_client):
+    keys = Keys(config.prefix)
+    app, quick_done = App(), gevent.event.Event()
+    handled, waited = [], []
+    slow_at = 5
+    messages = [event("s", "slow" if n == slow_at else "say", n)
+                for n in range(3 * (TAKE_MORE + 1))]
+
+    @app.on("say")
+    def say(sid, n):
+        handled.append(n)
+        app.emit("said", n, to="room")
+        if len(handled) == len(messages) - 1:
+            quick_done.set()
+
+    @app.on("slow")
+    def slow(sid, n):
+        app.emit("said", n, to="room")
+        app.sleep(0)         # sends the emit, and hands the rest of the batch back
+        # every other message gets handled while this one still waits
+        waited.append(quick_done.wait(timeout=5))
+
+    fill_inbox(redis_client, keys, messages)
+    node = cluster.app_node(app, workers=2)
+    wait_until(lambda: node.handled == len(messages), timeout=10, message="not all handled")
+    assert waited == [True], "messages stayed behind a handler that waited"
+    assert sorted(handled) == [n for n in range(len(messages)) if n != slow_at]
+    data, _ = said(redis_client, keys)
+    assert sorted(data) == list(range(len(messages)))
+    assert redis_client.llen(node.processing) == 0
+
+
+def test_pushes_and_takes_go_on_after_redis_forgot_its_scripts(cluster, redis_client):
+    app = App()
+
+    @app.on("echo")
+    def echo(sid, data):
+        return data
+
+    io = cluster.io_node()
+    cluster.app_node(app)
+    client = cluster.client(io)
+    assert client.call("echo", 1) == [1]
+    redis_client.script_flush()       # what a Redis restart without persistence does
+    assert client.call("echo", 2) == [2]
+    # a burst makes the app-node take several at once, by its script
+    results = []
+    calls = [gevent.spawn(lambda n=n: results.append(client.call("echo", n)))
+             for n in range(40)]
+    gevent.joinall(calls, timeout=10, raise_error=True)
+    assert sorted(r[0] for r in results) == list(range(40))
