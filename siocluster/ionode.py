@@ -25,7 +25,7 @@ import gevent
 import gevent.event
 import gevent.queue
 import socketio
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from socketio import packet as sio_packet
 from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 
@@ -442,21 +442,32 @@ class IoNode(Node):
                     self._unsent.append(self.outbox.get_nowait())
                 except gevent.queue.Empty:
                     break
-        # one transaction: a connect's client record is there when an app-node pops it
-        pipe = self.redis.pipeline(transaction=True)
         args = [self.config.inbox_maxlen]
         for item in self._unsent:
             args += [item.kind, item.raw]
-        # LPUSH in order keeps the order for a consumer popping the other end
-        self._push(keys=[self.keys.inbox], args=args, client=pipe)
-        for item in self._unsent:
-            if item.record is not None:
-                self.state.add_client(item.record, pipe)
-        refused = pipe.execute()[0]
+        try:
+            refused = self._push_batch(args)
+        except NoScriptError:
+            # Redis restarted or its scripts were flushed: load it again, then the batch
+            # again (nothing of it was pushed; the client records are set twice, harmless)
+            self.redis.script_load(_PUSH)
+            refused = self._push_batch(args)
         self._redis_back()
         sent, self._unsent = self._unsent, []
         for index in refused:
             self._refused_by_inbox(sent[int(index)])
+
+    def _push_batch(self, args: list) -> list:
+        """One round trip: the push script by its sha, and the client records of connects
+        (redis-py would ask ``SCRIPT EXISTS`` in a round trip of its own first)."""
+        # one transaction: a connect's client record is there when an app-node pops it
+        pipe = self.redis.pipeline(transaction=True)
+        # LPUSH in order keeps the order for a consumer popping the other end
+        pipe.evalsha(self._push.sha, 1, self.keys.inbox, *args)
+        for item in self._unsent:
+            if item.record is not None:
+                self.state.add_client(item.record, pipe)
+        return pipe.execute()[0]
 
     def _refused_by_inbox(self, item: Outgoing) -> None:
         if item.kind == "connect":
