@@ -119,3 +119,18 @@ def test_pushes_and_takes_go_on_after_redis_forgot_its_scripts(cluster, redis_cl
              for n in range(40)]
     gevent.joinall(calls, timeout=10, raise_error=True)
     assert sorted(r[0] for r in results) == list(range(40))
+
+
+def test_websocket_frames_are_unmasked_by_wsaccel_with_the_same_result(cluster):
+    import os
+
+    from geventwebsocket.websocket import Header
+
+    cluster.io_node()
+    assert getattr(Header.unmask_payload, "uses_wsaccel", False)
+    for size in (0, 1, 3, 4, 5, 127, 70_000):
+        header = Header(length=size)
+        header.mask = os.urandom(4)
+        payload = os.urandom(size)
+        # gevent-websocket's own Python loop stays as `mask_payload`
+        assert header.unmask_payload(payload) == header.mask_payload(payload)
