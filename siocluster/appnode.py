@@ -779,7 +779,6 @@ def load_app(path: str) -> App:
 
 def main(argv=None) -> None:
     import argparse
-    import signal
 
     from .config import Config
 
@@ -794,12 +793,7 @@ def main(argv=None) -> None:
         node.start()
     except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
         raise SystemExit(f"app-node: {exc}")
-    shutdown = gevent.event.Event()
-    gevent.signal_handler(signal.SIGTERM, shutdown.set)
-    gevent.signal_handler(signal.SIGINT, shutdown.set)
-    shutdown.wait()
-    logging.getLogger("siocluster").info("app-node %s draining", node.id)
-    node.stop()
+    node.run_until_signalled("draining")
 
 
 if __name__ == "__main__":

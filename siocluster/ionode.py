@@ -713,14 +713,7 @@ def main(argv=None) -> None:
     node.start()
     logging.getLogger("siocluster").info("io-node %s listening on %s:%s", node.id,
                                          *node.address[:2])
-    import signal
-
-    shutdown = gevent.event.Event()
-    gevent.signal_handler(signal.SIGTERM, shutdown.set)
-    gevent.signal_handler(signal.SIGINT, shutdown.set)
-    shutdown.wait()
-    logging.getLogger("siocluster").info("io-node %s stopping", node.id)
-    node.stop()
+    node.run_until_signalled("stopping")
 
 
 if __name__ == "__main__":

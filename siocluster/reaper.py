@@ -221,7 +221,7 @@ class Reaper:
     def reap_app_node(self, node: str) -> Dict[str, int]:
         """Hand the messages a dead app-node was handling to the others."""
         source = self.keys.processing(node)
-        # a processing list holds at most one message per worker of its app-node
+        # a processing list is small: at most a batch (16) per worker of its app-node
         inbox, dead = requeue(self.redis, self.keys, source, self.redis.lrange(source, 0, -1),
                               max_attempts=self.config.max_attempts, node=node,
                               error=f"app-node {node} died while handling it",
