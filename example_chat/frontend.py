@@ -15,11 +15,11 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
 
 import argparse
 import logging
-import signal
 
 from flask import Flask, render_template
 
 from siocluster import Config, make_frontend_server
+from siocluster.entry import listen_error, wait_for_signal
 
 logger = logging.getLogger("example_chat.frontend")
 
@@ -40,7 +40,6 @@ def create_app(config=None) -> Flask:
 
 
 def main(argv=None) -> None:
-    import gevent.event
     from gevent.pywsgi import WSGIServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -51,19 +50,12 @@ def main(argv=None) -> None:
                         log=logging.getLogger("example_chat.frontend.access"))
     try:
         server.start()
-    except PermissionError:
-        raise SystemExit(f"frontend-node: port {config.http_port} needs privileges; pick a "
-                         "port above 1023 with --port")
     except OSError as exc:
-        raise SystemExit(f"frontend-node: cannot listen on {config.http_host}:"
-                         f"{config.http_port}: {exc}; choose another with --host/--port")
+        raise SystemExit(listen_error("frontend-node", exc, config.http_host, config.http_port))
     host, port = server.address[:2]
     logger.info("frontend-node listening on http://%s:%s/", host, port)
 
-    shutdown = gevent.event.Event()
-    gevent.signal_handler(signal.SIGTERM, shutdown.set)
-    gevent.signal_handler(signal.SIGINT, shutdown.set)
-    shutdown.wait()
+    wait_for_signal()
     logger.info("frontend-node stopping")
     server.stop(timeout=5)
 

@@ -30,6 +30,7 @@ from socketio import packet as sio_packet
 from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 
 from . import defaults
+from .entry import listen_error
 from .envelope import (
     Envelope,
     MessageError,
@@ -704,12 +705,8 @@ def main(argv=None) -> None:
     # listening before registering: the frontend-node lists registered io-nodes to browsers
     try:
         node.start_server()
-    except PermissionError:
-        raise SystemExit(f"io-node: port {config.http_port} needs privileges; "
-                         "pick a port above 1023 with --port")
     except OSError as exc:
-        raise SystemExit(f"io-node: cannot listen on {config.http_host}:{config.http_port}: "
-                         f"{exc}; choose another with --host/--port")
+        raise SystemExit(listen_error("io-node", exc, config.http_host, config.http_port))
     node.start()
     logging.getLogger("siocluster").info("io-node %s listening on %s:%s", node.id,
                                          *node.address[:2])

@@ -135,12 +135,9 @@ class Node:
 
     def run_until_signalled(self, doing: str = "stopping") -> None:
         """For entry points: block until SIGTERM or SIGINT, then `stop()` gracefully."""
-        import signal
+        from .entry import wait_for_signal
 
-        shutdown = gevent.event.Event()
-        gevent.signal_handler(signal.SIGTERM, shutdown.set)
-        gevent.signal_handler(signal.SIGINT, shutdown.set)
-        shutdown.wait()
+        wait_for_signal()
         self.logger.info("%s %s %s", self.role, self.id, doing)
         self.stop()
 

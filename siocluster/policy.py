@@ -12,17 +12,15 @@ needs root or CAP_NET_BIND_SERVICE; ``--port`` picks another).
 """
 
 import argparse
-import errno
 import logging
-import signal
 from typing import Iterable, List, Optional
 
 import gevent
-import gevent.event
 from gevent.server import StreamServer
 
 from . import defaults
 from .config import Config, ConfigError, ConfigLike, as_config
+from .entry import listen_error, wait_for_signal
 
 REQUEST = b"<policy-file-request/>"
 
@@ -101,20 +99,6 @@ def _may_be_request(data: bytes) -> bool:
                                         and not head[len(REQUEST):].strip())
 
 
-def bind_error(exc: OSError, host: str, port: int) -> str:
-    """What to tell the user when the policy server cannot listen on ``host:port``."""
-    if exc.errno == errno.EACCES:
-        return (f"policy server: port {port} is privileged: listening on it needs root or the "
-                "CAP_NET_BIND_SERVICE capability (systemd: AmbientCapabilities="
-                "CAP_NET_BIND_SERVICE). Or choose a port above 1023 with --port and forward "
-                f"{defaults.POLICY_PORT} to it.")
-    if exc.errno == errno.EADDRINUSE:
-        return (f"policy server: {host}:{port} is already in use (another policy server?); "
-                "stop it or choose another port with --port.")
-    return (f"policy server: cannot listen on {host}:{port}: {exc.strerror or exc}; "
-            "check --host and --port.")
-
-
 def _port_list(text: str) -> List[int]:
     try:
         ports = [int(p) for p in text.split(",") if p.strip()]
@@ -160,13 +144,11 @@ def main(argv=None) -> None:
     try:
         server.start()
     except OSError as exc:
-        raise SystemExit(bind_error(exc, host, args.port))
+        raise SystemExit(listen_error("policy server", exc, host, args.port,
+                                      f" and forward {defaults.POLICY_PORT} to it"))
     logger.info("policy server listening on %s:%s, allowing ports %s", *server.address[:2],
                 ",".join(map(str, server.ports)) or "*")
 
-    shutdown = gevent.event.Event()
-    gevent.signal_handler(signal.SIGTERM, shutdown.set)
-    gevent.signal_handler(signal.SIGINT, shutdown.set)
-    shutdown.wait()
+    wait_for_signal()
     logger.info("policy server stopping")
     server.stop(timeout=args.timeout)

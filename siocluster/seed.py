@@ -39,12 +39,8 @@ args), ``socket disconnect`` (client), ``app publish``, ``app subscribe-to-chann
 snake_case ones: ``createMessage``, ``setData``, ``forChannel``, ``makeListener``, ...
 """
 
-import logging
-import signal
 from typing import Any, List, Optional
 
-import gevent
-import gevent.event
 import socketio
 
 from .appnode import App, AppNode
@@ -375,12 +371,7 @@ class Listener(App):
     def run(self) -> None:
         """Run the app-node until SIGINT or SIGTERM, then drain and stop."""
         self.start()
-        shutdown = gevent.event.Event()
-        gevent.signal_handler(signal.SIGTERM, shutdown.set)
-        gevent.signal_handler(signal.SIGINT, shutdown.set)
-        shutdown.wait()
-        logging.getLogger("siocluster").info("app-node %s draining", self.node.id)
-        self.stop()
+        self.node.run_until_signalled("draining")
 
     createMessage = create_message
 

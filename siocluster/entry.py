@@ -1,0 +1,29 @@
+"""What every entry point shares: waiting for SIGTERM or SIGINT, and saying why it could not
+listen. The entry points themselves (`python -m siocluster.ionode`, ``policy_server.py``,
+...) patch gevent first; this module only runs inside them."""
+
+import errno
+import signal
+
+import gevent
+import gevent.event
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT; the caller then stops what it runs, gracefully."""
+    shutdown = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, shutdown.set)
+    gevent.signal_handler(signal.SIGINT, shutdown.set)
+    shutdown.wait()
+
+
+def listen_error(who: str, exc: OSError, host: str, port: int, hint: str = "") -> str:
+    """What to tell the user when ``who`` cannot listen on ``host:port``."""
+    if exc.errno == errno.EACCES:
+        return (f"{who}: port {port} is privileged: listening on it needs root or the "
+                "CAP_NET_BIND_SERVICE capability (systemd: AmbientCapabilities="
+                f"CAP_NET_BIND_SERVICE). Or choose a port above 1023 with --port{hint}.")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{who}: {host}:{port} is already in use; stop what uses it or choose "
+                "another port with --port.")
+    return f"{who}: cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port."
