@@ -81,6 +81,15 @@ def redis_server():
 
 
 @pytest.fixture
+def durable_redis():
+    """A redis-server of the test's own that keeps every write across a restart."""
+    server = RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    yield server
+    server.kill()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
 def config(redis_server):
     """A config of a cluster of its own (its own key prefix), with short timeouts."""
     return Config(redis_url=redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}",

@@ -6,7 +6,6 @@ they handled in Redis; the tests count.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,6 @@ import redis
 
 from siocluster import ClusterState, Keys
 from siocluster.reaper import DIED_REASON
-from tests.conftest import RedisServer
 from tests.helpers import EventClient, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,15 +308,6 @@ def test_sigterm_on_an_io_node_drops_its_clients_and_the_app_hears_of_each(redis
 
 
 # ---- Redis restarts ------------------------------------------------------------------------
-
-@pytest.fixture
-def durable_redis():
-    """A redis-server of the test's own that keeps every write across a restart."""
-    server = RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]).start()
-    yield server
-    server.kill()
-    shutil.rmtree(server.dir, ignore_errors=True)
-
 
 @pytest.mark.slow
 def test_a_redis_restart_in_the_middle_of_a_chat_loses_no_event_and_no_command(

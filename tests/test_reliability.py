@@ -9,7 +9,6 @@ state a real node leaves behind; tests/test_faults.py kills real processes.
 import json
 import logging
 import pickle
-import shutil
 import time
 import uuid
 
@@ -23,7 +22,7 @@ from siocluster import App, AppNode, ClusterState, Config, IoNode, Keys
 from siocluster.envelope import Envelope, encode_batch
 from siocluster.ionode import INBOX_FULL, OUTBOX_FULL
 from siocluster.reaper import DIED_REASON, Reaper, tombstone_key
-from tests.conftest import Cluster, RedisServer
+from tests.conftest import Cluster
 from tests.helpers import EventClient, wait_until
 
 
@@ -235,17 +234,8 @@ def test_a_full_inbox_refuses_events_and_connects_but_never_a_disconnect(cluster
 
 
 @pytest.fixture
-def own_redis():
-    """A redis-server of the test's own that keeps its data across a restart."""
-    server = RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]).start()
-    yield server
-    server.kill()
-    shutil.rmtree(server.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def own_cluster(own_redis):
-    config = Config(redis_url=own_redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}",
+def own_cluster(durable_redis):
+    config = Config(redis_url=durable_redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}",
                     pop_timeout=0.2, heartbeat_interval=0.3, node_ttl=1.5, connect_timeout=3.0,
                     call_timeout=3.0, workers=2, rate_limit=0)
     cluster = Cluster(config)
@@ -254,14 +244,14 @@ def own_cluster(own_redis):
 
 
 def test_events_wait_in_the_outbox_while_redis_is_down_and_past_its_bound_are_refused(
-        own_redis, own_cluster):
+        durable_redis, own_cluster):
     log = []
     io = own_cluster.io_node(outbox_size=5)
     own_cluster.app_node(recording_app(log), workers=1)
     client = own_cluster.client(io)
     assert client.call("rec", "before") == ["ok"]
 
-    own_redis.stop()
+    durable_redis.stop()
     answers = gevent.queue.Queue()
     for n in range(8):
         client.sio.emit("rec", n, callback=lambda *a, n=n: answers.put((n, list(a))))
@@ -269,7 +259,7 @@ def test_events_wait_in_the_outbox_while_redis_is_down_and_past_its_bound_are_re
     assert refused == [(n, [{"ok": False, "error": OUTBOX_FULL}]) for n in (5, 6, 7)]
     assert client.expect("error", 3)[0] == [{"event": "rec", "error": OUTBOX_FULL}]
 
-    own_redis.start()
+    durable_redis.start()
     accepted = sorted(answers.get(timeout=20) for _ in range(5))
     assert accepted == [(n, ["ok"]) for n in range(5)]
     assert [args for kind, args, _ in log if kind == "rec"] == [["before"]] + [[n] for n in
