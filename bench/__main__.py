@@ -36,7 +36,7 @@ SCENARIOS = ("redis", "echo", "fanout", "connections")
 SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER}
 
 FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "echo_rounds": 2, "rooms": 30,
-        "fanout_start": 100.0, "fanout_factor": 1.5, "fanout_steps": 10, "fanout_refine": 2,
+        "fanout_start": 100.0, "fanout_factor": 1.5, "fanout_steps": 20, "fanout_refine": 2,
         "connections": 10000, "redis_requests": 50000}
 QUICK = {"duration": 0.6, "warmup": 0.2, "echo_clients": 20, "echo_rounds": 1, "rooms": 2,
          "fanout_start": 40.0, "fanout_factor": 2.0, "fanout_steps": 1, "fanout_refine": 0,
@@ -244,6 +244,8 @@ def main(argv=None) -> int:
         print(text)
     print("\n[goals]")
     print(report.goals_table(results["goals"]))
+    for line in report.ladder_warnings(results):
+        print(f"note: {line}")
     print(f"\nall figures: {os.path.relpath(path)}")
     return 0
 

@@ -299,7 +299,9 @@ def fanout(targets: List[Target], rooms: int, start_rate: float, factor: float,
         steps = steppers[name].steps
         held = [s for s in steps if s["held"]]
         figures.update(best_held=max(held, key=lambda s: s["out_per_s"]) if held else None,
-                       peak_out_per_s=max(s["out_per_s"] for s in steps), steps=steps)
+                       peak_out_per_s=max(s["out_per_s"] for s in steps), steps=steps,
+                       # never missed a step: "held" is what the ladder allowed, not a limit
+                       ladder_exhausted=steppers[name].bad is None)
     return results
 
 
