@@ -17,6 +17,7 @@ _EXPORTS = {
     "ClusterState": "state",
     "Keys": "state",
     "IoNode": "ionode",
+    "IoSocketServer": "engine",
     "Client": "ionode",
     "App": "appnode",
     "AppNode": "appnode",

@@ -139,6 +139,9 @@ class Config:
     rate_limit: float = _field(defaults.RATE_LIMIT,
                                "events per second per connection (0: unlimited)")
     rate_burst: int = _field(defaults.RATE_BURST, "events a connection may send at once")
+    max_send_backlog: int = _field(defaults.MAX_SEND_BACKLOG,
+                                   "io-node: bytes waiting for one slow websocket client "
+                                   "before it is disconnected")
     cors_allowed_origins: Optional[List[str]] = _field(
         None, "origins allowed to open Socket.IO connections "
               "(default: pages on the io-node's own host name)")
@@ -263,6 +266,7 @@ class Config:
             raise ConfigError(f"PREFIX: {self.prefix!r} must be a non-empty word")
         positive = ("workers", "pop_timeout", "max_attempts", "call_timeout", "connect_timeout",
                     "ack_timeout", "outbox_size", "max_message_size", "rate_burst",
+                    "max_send_backlog",
                     "inbox_maxlen", "stream_maxlen", "heartbeat_interval", "node_ttl")
         for name in positive:
             if getattr(self, name) <= 0:

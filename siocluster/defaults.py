@@ -24,6 +24,7 @@ OUTBOX_SIZE = 10_000         # client messages an io-node buffers while Redis is
 MAX_MESSAGE_SIZE = 1_000_000  # bytes of one client message
 RATE_LIMIT = 100.0           # events per second one connection may send (0 turns it off)
 RATE_BURST = 200             # events a connection may send at once above the rate
+MAX_SEND_BACKLOG = 4 << 20   # bytes waiting for one slow websocket client before it is cut off
 
 # Redis structures
 INBOX_MAXLEN = 100_000       # client messages waiting for the app tier before new ones are refused

@@ -30,6 +30,7 @@ from socketio import packet as sio_packet
 from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 
 from . import defaults
+from .engine import IoSocketServer
 from .entry import listen_error
 from .envelope import (
     Envelope,
@@ -151,7 +152,8 @@ class IoNode(Node):
 
     :param config: a `Config` or a mapping of its keys.
     :param sio: a ``socketio.Server(async_mode='gevent')`` of your own (the seed's
-        ``makeIoServer``); by default one is made with the config's CORS and size limits.
+        ``makeIoServer``), best an `IoSocketServer` (see `siocluster.engine`); by default an
+        `IoSocketServer` is made with the config's CORS, size and backlog limits.
     :param redis: a redis-py client to use instead of one built from the config.
 
     The node is a WSGI application::
@@ -174,9 +176,10 @@ class IoNode(Node):
                        # on the envelope) stays below it so the client is told why instead
                        "max_http_buffer_size": 2 * c.max_message_size + 64 * 1024,
                        # our handlers never block on events, so spare a greenlet per event
-                       "async_handlers": False}
+                       "async_handlers": False,
+                       "max_send_backlog": c.max_send_backlog}
             options.update(server_options)
-            sio = socketio.Server(**options)
+            sio = IoSocketServer(**options)
         self.sio = sio
         sio.on("connect", self._on_connect, namespace="*")
         sio.on("disconnect", self._on_disconnect, namespace="*")

@@ -1,0 +1,368 @@
+"""The io-node's Engine.IO server: python-engineio, with lean websocket connections.
+
+In gevent mode engineio gives every websocket connection three greenlets (its reader, a
+writer waiting on a queue, and a ping sleeper started again after every pong) and sends
+every packet through that queue to the writer, which encodes and writes it. An io-node
+holds many mostly idle connections and fans each message out to many of them, so here:
+
+- a websocket connection has one greenlet, its reader. A packet is written where it is
+  sent, with no switch to another greenlet, and a broadcast's frame is encoded once: the
+  same bytes go to every recipient.
+- a write never blocks the sender. What the kernel does not take at once waits in the
+  connection's backlog, drained by a greenlet that exists only while there is one; a
+  client whose backlog passes ``max_send_backlog`` bytes is too slow to keep and is cut
+  off, so one slow reader neither stalls the others nor grows the io-node's memory.
+- one greenlet sends every connection's pings, in the order they fall due.
+
+Polling connections, and a connection's polling phase before it upgrades, keep engineio's
+queue. `IoSocketServer` is a ``socketio.Server`` on this engine; the io-node makes one::
+
+    sio = IoSocketServer(async_mode="gevent", max_send_backlog=4 << 20)
+"""
+
+import collections
+import logging
+import socket as stdlib_socket
+import struct
+import time
+
+import engineio
+import gevent
+import socketio
+from engineio import packet as eio_packet
+from engineio.socket import Socket
+
+from . import defaults
+
+_PING = eio_packet.Packet(eio_packet.PING)
+# engineio's own logger stays quiet unless asked (engineio_logger=True); a slow client cut
+# off is the io-node's news
+logger = logging.getLogger("siocluster.io-node")
+
+
+def websocket_frame(pkt: eio_packet.Packet) -> bytes:
+    """The websocket frame of an Engine.IO packet (server to client: final, unmasked),
+    encoded once per packet object: python-socketio hands every recipient of an emit the
+    same packet, so a broadcast is encoded once."""
+    frame = pkt.__dict__.get("_ws_frame")
+    if frame is None:
+        data = pkt.encode()
+        if isinstance(data, str):
+            opcode, data = 0x81, data.encode("utf-8")
+        else:
+            opcode = 0x82
+        size = len(data)
+        if size < 126:
+            header = struct.pack("!BB", opcode, size)
+        elif size < 65536:
+            header = struct.pack("!BBH", opcode, 126, size)
+        else:
+            header = struct.pack("!BBQ", opcode, 127, size)
+        frame = pkt._ws_frame = header + data
+    return frame
+
+
+class FrameWriter:
+    """Writes one connection's bytes in order without ever blocking the caller.
+
+    :param sock: the connection's gevent socket.
+    :param limit: bytes that may wait for the client; past that it is cut off.
+    :param on_overflow: called (once, with the bytes waiting) when the client is cut off.
+    """
+
+    __slots__ = ("_socket", "_raw", "_backlog", "_waiting", "_limit", "_flusher",
+                 "_on_overflow", "broken")
+
+    def __init__(self, sock, limit: int, on_overflow=None):
+        self._socket = sock
+        self._raw = sock._sock            # the real socket, non-blocking under gevent
+        self._backlog = None              # bytes the kernel did not take yet, in order
+        self._waiting = 0
+        self._limit = limit
+        self._flusher = None
+        self._on_overflow = on_overflow
+        self.broken = False
+
+    @classmethod
+    def usable(cls, sock) -> bool:
+        """Whether ``sock`` is a gevent socket with the real socket under it."""
+        return sock is not None and hasattr(getattr(sock, "_sock", None), "send")
+
+    @property
+    def waiting(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return self._waiting
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        if self._flusher is None:
+            try:
+                sent = self._raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                # the reader sees the same error or the end of the stream and closes
+                self.broken = True
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._backlog = []
+            self._flusher = gevent.spawn(self._flush)
+        self._backlog.append(data)
+        self._waiting += len(data)
+        if self._waiting > self._limit:
+            self._cut(self._waiting)
+
+    def _flush(self) -> None:
+        try:
+            while self._backlog:
+                chunk = b"".join(self._backlog)
+                self._backlog = []
+                self._socket.sendall(chunk)
+                self._waiting -= len(chunk)
+        except OSError:
+            self.broken = True
+        finally:
+            self._backlog = None
+            self._waiting = 0
+            self._flusher = None
+
+    def _cut(self, waiting: int) -> None:
+        self.broken = True
+        self._backlog = []
+        try:
+            # the reader wakes to the end of the stream and closes the connection as usual
+            self._raw.shutdown(stdlib_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._on_overflow is not None:
+            self._on_overflow(waiting)
+
+    def finish(self, timeout: float) -> None:
+        """Give the backlog ``timeout`` seconds to drain, then write nothing more."""
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.join(timeout)
+            if not flusher.dead:
+                flusher.kill(block=False)
+        self.broken = True
+
+
+class Pinger:
+    """Sends the pings of every connection of a server from one greenlet. Every socket
+    waits the same interval, so a FIFO keeps them in the order they fall due."""
+
+    def __init__(self, server: "EngineServer"):
+        self.server = server
+        self.due = collections.deque()
+        self.greenlet = None
+
+    def schedule(self, socket: Socket) -> None:
+        self.due.append((time.monotonic() + self.server.ping_interval, socket))
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        due = self.due
+        try:
+            while due:
+                when, socket = due[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    gevent.sleep(delay)
+                    continue
+                due.popleft()
+                if not socket.closing and not socket.closed:
+                    socket.last_ping = time.time()
+                    try:
+                        socket.send(_PING)
+                    except Exception:
+                        self.server.logger.exception("ping to %s failed", socket.sid)
+        finally:
+            self.greenlet = None
+
+    def stop(self) -> None:
+        self.due.clear()
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+
+
+class EngineSocket(Socket):
+    """An engineio socket that writes its websocket frames itself (see the module)."""
+
+    writer = None        # a FrameWriter once the socket is on websocket
+
+    def send(self, pkt):
+        writer = self.writer
+        if writer is None:
+            return super().send(pkt)
+        if not self.closed:
+            writer.write(websocket_frame(pkt))
+
+    def schedule_ping(self):
+        # as engineio: a new ping only once the last one was answered
+        if self.last_ping:
+            self.last_ping = None
+            self.server.pinger.schedule(self)
+
+    def close(self, wait=True, abort=False, reason=None):
+        writer = self.writer
+        if writer is None:
+            return super().close(wait=wait, abort=abort, reason=reason)
+        if self.closed or self.closing:
+            return
+        self.closing = True
+        self.server._trigger_event("disconnect", self.sid,
+                                   reason or self.server.reason.SERVER_DISCONNECT,
+                                   run_async=False)
+        if not abort:
+            writer.write(websocket_frame(eio_packet.Packet(eio_packet.CLOSE)))
+        self.closed = True
+        # what engineio's writer did as it ended: the websocket's close frame, after the
+        # backlog; the client answers it and the reader ends
+        websocket = self._websocket
+        if websocket is not None and not websocket.closed:
+            websocket.close()
+
+    _websocket = None    # gevent-websocket's WebSocket, while the reader runs
+
+    def _websocket_handler(self, ws):
+        websocket = getattr(ws, "_sock", None)      # gevent-websocket's WebSocket
+        sock = getattr(getattr(websocket, "handler", None), "socket", None)
+        if not FrameWriter.usable(sock) or not hasattr(websocket, "raw_write"):
+            # another websocket server: engineio's own handler, writer greenlet and all
+            return super()._websocket_handler(ws)
+        server = self.server
+
+        def websocket_wait():
+            data = ws.wait()
+            if data and len(data) > server.max_http_buffer_size:
+                raise ValueError("packet is too large")
+            return data
+
+        if self.connected:
+            # an upgrade from polling: the probe, as engineio does it
+            self.upgrading = True
+            pkt = eio_packet.Packet(encoded_packet=websocket_wait())
+            if pkt.packet_type != eio_packet.PING or pkt.data != "probe":
+                self.upgrading = False
+                return []
+            ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+            self.queue.put(eio_packet.Packet(eio_packet.NOOP))     # ends the pending poll
+            pkt = eio_packet.Packet(encoded_packet=websocket_wait())
+            if pkt.packet_type != eio_packet.UPGRADE:
+                self.upgrading = False
+                return []
+            self.upgraded = True
+            self.upgrading = False
+        else:
+            self.connected = True
+            self.upgraded = True
+
+        writer = FrameWriter(sock, server.max_send_backlog, self._overflowed)
+        websocket.raw_write = writer.write      # gevent-websocket's own frames go in order too
+        # what was sent before (the open packet, or packets sent during the upgrade) first;
+        # nothing here yields, so no packet can pass them
+        while not self.queue.empty():
+            pkt = self.queue.get_nowait()
+            self.queue.task_done()
+            if pkt is not None:
+                writer.write(websocket_frame(pkt))
+        self.writer, self._websocket = writer, websocket
+
+        try:
+            while not self.closed:
+                try:
+                    data = websocket_wait()
+                except Exception as exc:
+                    if not self.closed:
+                        server.logger.info("%s: websocket error %r, closing", self.sid, exc)
+                    break
+                if data is None:
+                    break          # the client closed the connection
+                try:
+                    self.receive(eio_packet.Packet(encoded_packet=data))
+                except engineio.exceptions.UnknownPacketError:
+                    pass
+                except engineio.exceptions.SocketIsClosedError:
+                    break
+                except Exception:
+                    server.logger.exception("%s: receive error", self.sid)
+                    break
+        finally:
+            writer.finish(timeout=5.0)
+            self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+            self._websocket = None
+        return []
+
+    def _overflowed(self, waiting: int) -> None:
+        logger.warning(
+            "%s: client too slow, %d bytes waiting for it (max_send_backlog is %d): "
+            "disconnected", self.sid, waiting, self.server.max_send_backlog)
+
+
+class EngineServer(engineio.Server):
+    """``engineio.Server`` whose websocket connections are `EngineSocket`s.
+
+    :param max_send_backlog: bytes that may wait for one slow websocket client before it
+        is disconnected. Every other parameter is engineio's.
+    """
+
+    def __init__(self, *args, max_send_backlog: int = defaults.MAX_SEND_BACKLOG, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_send_backlog = max_send_backlog
+        self.pinger = Pinger(self)
+
+    def shutdown(self):
+        super().shutdown()
+        self.pinger.stop()
+
+    def _handle_connect(self, environ, start_response, transport, jsonp_index=None):
+        """engineio's connect, with an `EngineSocket`."""
+        if self.start_service_task:
+            # the task that closes sockets whose client stopped answering pings
+            self.start_service_task = False
+            self.service_task_handle = self.start_background_task(self._service_task)
+
+        sid = self.generate_id()
+        s = EngineSocket(self, sid)
+        self.sockets[sid] = s
+        s.send(eio_packet.Packet(eio_packet.OPEN, {
+            "sid": sid,
+            "upgrades": self._upgrades(sid, transport),
+            "pingTimeout": int(self.ping_timeout * 1000),
+            "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+            "maxPayload": self.max_http_buffer_size,
+        }))
+        ret = self._trigger_event("connect", sid, environ, run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            self.logger.warning("Application rejected connection")
+            return self._unauthorized(ret or None)
+        s.schedule_ping()
+        if transport == "websocket":
+            ret = s.handle_get_request(environ, start_response)
+            if s.closed and sid in self.sockets:
+                del self.sockets[sid]
+            return ret
+        s.connected = True
+        headers = None
+        if self.cookie:
+            cookie = self.cookie if isinstance(self.cookie, dict) else {
+                "name": self.cookie, "path": "/", "SameSite": "Lax"}
+            headers = [("Set-Cookie", self._generate_sid_cookie(sid, cookie))]
+        try:
+            return self._ok(s.poll(), headers=headers, jsonp_index=jsonp_index)
+        except engineio.exceptions.QueueEmpty:
+            return self._bad_request()
+
+
+class IoSocketServer(socketio.Server):
+    """A ``socketio.Server`` on `EngineServer`: what an io-node runs by default. Pass one
+    of your own to `IoNode` (the seed's ``makeIoServer``) to keep its options; a plain
+    ``socketio.Server`` works too, with engineio's heavier connections."""
+
+    def _engineio_server_class(self):
+        return EngineServer

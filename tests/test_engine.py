@@ -1,0 +1,263 @@
+"""The io-node's Engine.IO engine: frames written in place, slow clients cut off, one
+greenlet per websocket connection, pings from one greenlet. Real sockets throughout."""
+
+import gc
+import json
+import socket
+import struct
+import time
+
+import greenlet
+import pytest
+import websocket
+from engineio import packet as eio_packet
+from gevent import socket as gsocket
+
+from siocluster import App, IoNode
+from siocluster.engine import FrameWriter, websocket_frame
+from tests.helpers import EventClient, wait_until
+
+
+def parse_frame(frame: bytes):
+    """RFC 6455 by hand: (opcode, payload) of one unmasked, final frame."""
+    first, second = frame[0], frame[1]
+    assert first & 0x80, "FIN must be set"
+    assert not second & 0x80, "server frames are not masked"
+    size, offset = second & 0x7F, 2
+    if size == 126:
+        size, offset = struct.unpack("!H", frame[2:4])[0], 4
+    elif size == 127:
+        size, offset = struct.unpack("!Q", frame[2:10])[0], 10
+    payload = frame[offset:]
+    assert len(payload) == size
+    return first & 0x0F, payload
+
+
+@pytest.mark.parametrize("size", [0, 124, 125, 65534, 65535, 70000])
+def test_text_frames_of_every_length_encoding(size):
+    pkt = eio_packet.Packet(eio_packet.MESSAGE, "é" * (size // 2) + "x" * (size % 2))
+    frame = websocket_frame(pkt)
+    opcode, payload = parse_frame(frame)
+    assert opcode == 0x1
+    assert payload.decode("utf-8") == pkt.encode()
+    # encoded once: every recipient of a broadcast gets the very same bytes
+    assert websocket_frame(pkt) is frame
+
+
+def test_binary_frame():
+    pkt = eio_packet.Packet(eio_packet.MESSAGE, b"\x00\xff\x10")
+    assert parse_frame(websocket_frame(pkt)) == (0x2, b"\x00\xff\x10")
+
+
+def read_exactly(sock, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(min(65536, count - len(data)))
+        assert chunk, f"stream ended after {len(data)} of {count} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def test_writer_never_blocks_and_keeps_order():
+    ours, peer = gsocket.socketpair()
+    with ours, peer:
+        writer = FrameWriter(ours, limit=64 << 20)
+        chunks = [bytes([n]) * 65536 for n in range(128)]      # 8 MB: more than the kernel takes
+        for chunk in chunks:
+            # the peer reads nothing yet, and no other greenlet runs: a write that waited
+            # for the peer would never return (gevent would report a loop that blocks forever)
+            writer.write(chunk)
+        assert writer.waiting > 0, "the kernel took 8 MB at once: the backlog was not used"
+        assert read_exactly(peer, len(chunks) * 65536) == b"".join(chunks)
+        wait_until(lambda: writer.waiting == 0, message="backlog drained")
+        writer.write(b"after")
+        assert read_exactly(peer, 5) == b"after"
+
+
+def test_writer_cuts_off_a_client_past_its_limit():
+    ours, peer = gsocket.socketpair()
+    with ours, peer:
+        cut = []
+        writer = FrameWriter(ours, limit=1 << 20, on_overflow=cut.append)
+        written = 0
+        for _ in range(1000):
+            if cut:
+                break
+            writer.write(b"x" * 65536)
+            written += 65536
+        assert cut and cut[0] > 1 << 20 and writer.broken
+        writer.write(b"ignored")                 # a cut-off client takes nothing more
+        received = 0
+        while True:
+            chunk = peer.recv(65536)
+            if not chunk:
+                break                            # the end of the stream: it was shut down
+            received += len(chunk)
+        # the backlog was dropped: the client got what the kernel had taken, no more
+        assert 0 < received < written
+
+
+# ---- on a running io-node ---------------------------------------------------------------------
+
+def flood_app(disconnects):
+    app = App()
+
+    @app.on("join")
+    def join(sid, room):
+        app.enter_room(sid, room)
+        return True
+
+    @app.on("flood")
+    def flood(sid, data):
+        for n in range(data["count"]):
+            app.emit("big", {"n": data["first"] + n, "pad": "x" * data["size"]}, to=data["room"])
+        return True
+
+    @app.event
+    def disconnect(sid, reason):
+        disconnects.append(sid)
+
+    return app
+
+
+class RawClient:
+    """A Socket.IO client on a plain websocket: it reads only when told to, and runs no
+    greenlet of its own."""
+
+    def __init__(self, io_node, receive_buffer=None):
+        port = io_node.address[1]
+        options = [(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)] \
+            if receive_buffer else []
+        self.ws = websocket.create_connection(
+            f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket", timeout=10,
+            sockopt=options)
+        opened = self.ws.recv()
+        assert opened.startswith("0"), opened
+        self.open = json.loads(opened[1:])
+
+    def connect(self) -> str:
+        self.ws.send("40")
+        reply = self.next_packet()
+        assert reply.startswith("40"), reply
+        return json.loads(reply[2:])["sid"]
+
+    def next_packet(self) -> str:
+        while True:
+            data = self.ws.recv()
+            if data != "2":
+                return data
+            self.ws.send("3")              # pong
+
+    def emit(self, event, data, ack_id=None) -> None:
+        self.ws.send(f"42{'' if ack_id is None else ack_id}{json.dumps([event, data])}")
+
+    def close(self):
+        try:
+            self.ws.close(timeout=1)
+        except Exception:
+            pass
+
+
+def test_slow_client_is_cut_off_and_the_others_get_everything(cluster, caplog):
+    disconnects = []
+    cluster.app_node(flood_app(disconnects))
+    node = cluster.io_node(max_send_backlog=256 * 1024)
+    fast = cluster.client(node)
+    assert fast.call("join", "room") == [True]
+    # a client that stops reading, with a small receive buffer so its backlog builds soon
+    slow = RawClient(node, receive_buffer=4096)
+    slow_sid = slow.connect()
+    slow.emit("join", "room", ack_id=1)
+    assert slow.next_packet() == "431[true]"
+    sent, rounds = 0, 0
+    while slow_sid not in disconnects:
+        rounds += 1
+        assert rounds <= 40, "the slow client was never cut off"
+        assert fast.call("flood", {"room": "room", "first": sent, "count": 20,
+                                   "size": 16 * 1024}, timeout=10) == [True]
+        sent += 20
+        fast.expect("big", sent, timeout=10)
+    # the fast client got every message, in order, while the slow one was cut off
+    assert [args[0]["n"] for args in fast.received("big")] == list(range(sent))
+    assert "client too slow" in caplog.text
+    assert node.sio.manager.is_connected(fast.sid, "/")
+    assert not node.sio.manager.is_connected(slow_sid, "/")
+    slow.close()
+
+
+def live_greenlets() -> int:
+    return sum(1 for obj in gc.get_objects()
+               if isinstance(obj, greenlet.greenlet) and not obj.dead)
+
+
+def test_one_greenlet_per_websocket_connection(cluster):
+    cluster.app_node(flood_app([]))
+    node = cluster.io_node()
+    RawClient(node).close()                    # the engine's own tasks start with a first
+    before = live_greenlets()
+    clients = [RawClient(node) for _ in range(30)]
+    try:
+        for client in clients:
+            client.connect()
+        # engineio's own websocket handling keeps three per connection
+        assert live_greenlets() - before <= len(clients) + 2
+        assert len(node.sio.eio.pinger.due) >= len(clients)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_pings_come_from_one_greenlet_and_the_silent_are_closed(cluster):
+    cluster.app_node(flood_app([]))
+    node = IoNode(cluster.config, ping_interval=1, ping_timeout=1)
+    node.start()
+    node.start_server(("127.0.0.1", 0))
+    cluster.io_nodes.append(node)
+    answering = cluster.client(node)
+    silent = RawClient(node)
+    assert silent.open["pingInterval"] == 1000
+    silent.connect()
+    started = time.monotonic()
+    assert silent.ws.recv() == "2"             # a ping, about a second after the open
+    # never answered: the server closes the connection (a close packet, then the close frame)
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        while True:
+            silent.ws.recv()
+    assert 1.5 < time.monotonic() - started < 6
+    # the client that answers its pings is still there, and still served
+    assert answering.sio.connected
+    assert answering.call("join", "r") == [True]
+    silent.close()
+
+
+@pytest.mark.parametrize("size", [10, 300, 100_000])
+def test_upgrade_from_polling_then_broadcasts_of_every_frame_size(cluster, size):
+    cluster.app_node(flood_app([]))
+    node = cluster.io_node()
+    client = EventClient()
+    cluster.clients.append(client)
+    client.sio.connect(f"http://127.0.0.1:{node.address[1]}",
+                       transports=["polling", "websocket"], wait_timeout=5)
+    wait_until(lambda: client.sio.transport() == "websocket", message="upgraded")
+    socket_ = node.sio.eio.sockets[client.sio.eio.sid]
+    wait_until(lambda: socket_.writer is not None, message="writing frames itself")
+    assert client.call("join", "room") == [True]
+    assert client.call("flood", {"room": "room", "first": 0, "count": 3, "size": size}) == [True]
+    got = client.expect("big", 3)
+    assert [(m[0]["n"], len(m[0]["pad"])) for m in got] == [(0, size), (1, size), (2, size)]
+
+
+def test_a_plain_socketio_server_still_works(cluster):
+    """An application's own ``socketio.Server`` (the seed's makeIoServer) keeps engineio's
+    connections, and the io-node works the same on it."""
+    import socketio
+
+    cluster.app_node(flood_app([]))
+    node = IoNode(cluster.config, sio=socketio.Server(async_mode="gevent"))
+    node.start()
+    node.start_server(("127.0.0.1", 0))
+    cluster.io_nodes.append(node)
+    client = cluster.client(node)
+    assert client.call("join", "room") == [True]
+    assert client.call("flood", {"room": "room", "first": 0, "count": 2, "size": 10}) == [True]
+    assert len(client.expect("big", 2)) == 2
