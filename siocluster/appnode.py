@@ -9,14 +9,14 @@ The application is an `App`, written like a python-socketio server::
         app.emit("said", data, to=app.get_session(sid)["room"])
         return {"ok": True}                      # the client's ack
 
-An `AppNode` runs it: ``workers`` greenlets each block on the inbox with ``BLMOVE`` into
-this app-node's processing list, call the handler, send the commands the handler made in
-one stream write, and drop the message from the processing list. When more messages wait,
-a worker takes up to `TAKE_MORE` more at once into the processing list, handles them in
-order and writes all their commands in one round trip. Each message goes to exactly one
-app-node. A handler that raises is logged with its envelope; the message is tried again
-(its own commands dropped, the other messages of its batch unaffected), and after
-``max_attempts`` it goes to the dead-letter list.
+An `AppNode` runs it with ``workers`` greenlets. One at a time waits on the inbox: a
+blocking ``BLMOVE`` into this app-node's processing list with, in the same round trip, a
+script taking up to `TAKE_MORE` more that wait behind it. That worker then calls the
+handlers of what it took, in order, writes all the commands they made and drops them from
+the processing list in one more round trip, while the next worker waits on the inbox. Each
+message goes to exactly one app-node. A handler that raises is logged with its envelope;
+the message is tried again (its own commands dropped, the other messages of its batch
+unaffected), and after ``max_attempts`` it goes to the dead-letter list.
 
 Run it with ``python -m siocluster.appnode package.module:app``.
 """
@@ -26,6 +26,7 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
 
     monkey.patch_all()
 
+import collections
 import contextlib
 import functools
 import importlib
@@ -37,6 +38,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import gevent
 import gevent.event
 import gevent.local
+import gevent.lock
+from redis.exceptions import NoScriptError
 from socketio import Namespace
 from socketio import exceptions as sio_exceptions
 
@@ -346,6 +349,10 @@ class AppNode(Node):
         self.handled = 0
         self.reaper = Reaper(self)
         self._take = self.redis.register_script(_TAKE)
+        self._taking = gevent.lock.Semaphore()   # one worker waits on the inbox at a time
+        self._more = False       # the last round trip saw messages waiting in the inbox
+        self._ready = collections.deque()   # taken, not started: for the next free worker
+        self._busy = 0           # workers running handlers
         self._inflight: Dict[str, int] = {}   # raw envelopes the workers hold right now
         # after a Redis blip: None, True (look at the processing list), or the set of
         # messages no worker held at the first look (moved back if still unheld at the next)
@@ -365,11 +372,14 @@ class AppNode(Node):
         """Take no new messages, finish the ones in flight (at most ``timeout`` seconds),
         give back any still unfinished, and deregister."""
         self.stopping.set()
-        busy = sum(self._inflight.values())
-        if busy:
-            self.logger.info("app-node %s: finishing %d message(s) in flight", self.id, busy)
+        if self._busy:
+            self.logger.info("app-node %s: finishing %d message(s) in flight", self.id,
+                             self._busy)
         self.join(timeout)
         try:
+            if self._ready:
+                unstarted, self._ready = list(self._ready), collections.deque()
+                self._give_back(unstarted)
             left = self._give_back_all()
         except REDIS_DOWN:
             # still registered: once our heartbeat lapses the reaper hands them over
@@ -392,46 +402,91 @@ class AppNode(Node):
     # ---- the loop ---------------------------------------------------------------------------
 
     def _work_step(self):
-        raws = self._take_messages()
-        if not raws:
+        first = self._next_message()
+        if first is None:
             return
-        # registered before anything can yield, so `_recover` never takes a held message
-        for raw in raws:
-            self._inflight[raw] = self._inflight.get(raw, 0) + 1
+        self._busy += 1
         try:
-            if self.stopping.is_set():
-                # popped while stop() waited: not ours to start any more, first in line again
-                self._give_back(raws)
-                return
-            self.handle_batch(raws)
+            self.handle_batch([first])
         finally:
-            for raw in raws:
-                if self._inflight[raw] > 1:
-                    self._inflight[raw] -= 1
-                else:
-                    del self._inflight[raw]
+            self._busy -= 1
+
+    def _next_message(self) -> Optional[str]:
+        """The next message for this worker: one taken already and not started, else
+        the first of a take (the rest wait in `_ready` for this and idle workers)."""
+        while not self._ready:
+            with self._taking:
+                if self._ready:
+                    break        # another worker's take while this one waited its turn
+                if self.stopping.is_set():
+                    return None
+                raws = self._take_messages()
+                if not raws:
+                    return None
+                # registered before anything can yield, so `_recover` never takes them
+                for raw in raws:
+                    self._inflight[raw] = self._inflight.get(raw, 0) + 1
+                if self.stopping.is_set():
+                    # popped while stop() waited: not ours to start any more
+                    self._give_back(raws)
+                    return None
+                self._ready.extend(raws[1:])
+                return raws[0]
+        return self._ready.popleft()
+
+    def _release(self, raws) -> None:
+        """Messages finished or given back are no longer held by this process."""
+        for raw in raws:
+            count = self._inflight.get(raw, 0)
+            if count > 1:
+                self._inflight[raw] = count - 1
+            else:
+                self._inflight.pop(raw, None)
 
     def _take_messages(self) -> List[str]:
-        """The next messages for this worker: several when the last round trip saw more
-        waiting, else one, waiting for it with a blocking ``BLMOVE``."""
-        if getattr(self._ctx, "more", False):
-            *raws, waiting = self._take(keys=[self.keys.inbox, self.processing],
-                                        args=[TAKE_MORE + 1])
+        """Take messages into the processing list: as many as there are idle workers
+        (all of `TAKE_MORE` + 1 while a backlog waits), in one round trip: a blocking
+        ``BLMOVE`` for the first and, pipelined behind it, the take script for the rest.
+        One worker at a time waits on the inbox, so messages that arrive together are taken
+        together (with many workers each blocked on ``BLMOVE``, Redis would hand a burst
+        out one message per worker, each with round trips of its own). While the last
+        round trip saw more waiting, no blocking pop is needed."""
+        keys = (self.keys.inbox, self.processing)
+        if self._more:
+            *raws, waiting = self._take(keys=keys, args=[TAKE_MORE + 1])
             self._redis_back()
-            self._ctx.more = waiting > 0
+            self._more = waiting > 0
             if raws:
                 return raws
-        self._ctx.more = False
-        raw = self.redis.blmove(self.keys.inbox, self.processing, self.config.pop_timeout,
-                                "RIGHT", "LEFT")
+        wanted = min(TAKE_MORE + 1, self.config.workers - self._busy)
+        if wanted <= 1:
+            raw = self.redis.blmove(*keys, self.config.pop_timeout, "RIGHT", "LEFT")
+            self._redis_back()
+            return [] if raw is None else [raw]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.blmove(*keys, self.config.pop_timeout, "RIGHT", "LEFT")
+        # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
+        pipe.evalsha(self._take.sha, 2, *keys, wanted - 1)
+        first, taken = pipe.execute(raise_on_error=False)
+        if isinstance(first, Exception):
+            raise first
         self._redis_back()
-        return [] if raw is None else [raw]
+        if isinstance(taken, NoScriptError):
+            # Redis restarted or flushed its scripts: load it for the next take
+            self.redis.script_load(_TAKE)
+            taken = [1]
+        elif isinstance(taken, Exception):
+            raise taken
+        *raws, waiting = taken
+        self._more = waiting > 0
+        return raws if first is None else [first, *raws]
 
     def _give_back(self, raws: List[str]) -> None:
         """Messages taken but not started go back to the front of the inbox, in order."""
         requeue(self.redis, self.keys, self.processing, raws[::-1], node=self.id,
                 max_attempts=self.config.max_attempts, count_attempt=False,
                 error="", script=self.reaper._move)
+        self._release(raws)
 
     def _reap_step(self):
         period = self.config.heartbeat_interval / 2
@@ -485,7 +540,14 @@ class AppNode(Node):
         self._ctx.done, self._ctx.rest = done, rest
         try:
             # stop() waits for what is in flight: what is not started yet goes back
-            while rest and not self.stopping.is_set():
+            while not self.stopping.is_set():
+                if not rest:
+                    # messages taken meanwhile that no idle worker took up (handlers that
+                    # never yield leave them all to this one): handled here, written with
+                    # the rest in one round trip
+                    if len(done) > TAKE_MORE or not self._ready:
+                        break
+                    rest.append(self._ready.popleft())
                 done.append(self._handle_one(rest.pop(0)))
             self._finish(done)
         finally:
@@ -495,6 +557,7 @@ class AppNode(Node):
                 self.handled += 1
             if finish.forget is not None:
                 self._seen.pop(finish.forget.sid, None)
+        self._release(finish.raw for finish in done)
         if rest:
             self._give_back(rest)
 
@@ -562,7 +625,7 @@ class AppNode(Node):
                 pipe.lpush(self.keys.inbox, finish.retry)
             pipe.lrem(self.processing, 1, finish.raw)
         pipe.llen(self.keys.inbox)
-        self._ctx.more = pipe.execute()[-1] > 0
+        self._more = pipe.execute()[-1] > 0
 
     def _retry(self, raw: str, envelope: Envelope, error: str) -> "Finish":
         envelope.attempt += 1
@@ -660,11 +723,15 @@ class AppNode(Node):
     def flush(self) -> None:
         """Send the current handler's commands now (before a call() waits, say), with what
         the messages handled before it in its batch left; the messages after it go back to
-        the inbox for other workers, rather than wait behind a handler that waits."""
+        the inbox for other workers, rather than wait behind a handler that waits (so do
+        the ones taken and not started, when no other worker is free to start them)."""
         rest = getattr(self._ctx, "rest", None)
         if rest:
             left, rest[:] = rest[:], []
             self._give_back(left)
+        if self._ready and self._busy >= self.config.workers:
+            unstarted, self._ready = list(self._ready), collections.deque()
+            self._give_back(unstarted)
         done = getattr(self._ctx, "done", None) or []
         batch = getattr(self._ctx, "batch", None) or []
         if done:
@@ -673,6 +740,7 @@ class AppNode(Node):
             for finish in done:
                 if finish.forget is not None:
                     self._seen.pop(finish.forget.sid, None)
+            self._release(finish.raw for finish in done)
             del done[:]
         elif batch:
             pipe = self.redis.pipeline(transaction=False)

@@ -134,3 +134,60 @@ def test_websocket_frames_are_unmasked_by_wsaccel_with_the_same_result(cluster):
         payload = os.urandom(size)
         # gevent-websocket's own Python loop stays as `mask_payload`
         assert header.unmask_payload(payload) == header.mask_payload(payload)
+
+
+def test_handlers_that_wait_run_side_by_side_though_their_messages_came_together(
+        cluster, config, redis_client):
+    """A burst is taken in one round trip, yet each message of it goes to a free worker:
+    handlers that wait (on I/O, here on an event) all run at once."""
+    keys = Keys(config.prefix)
+    app, release, running = App(), gevent.event.Event(), []
+
+    @app.on("wait")
+    def wait(sid, n):
+        running.append(n)
+        release.wait(timeout=10)
+        app.emit("said", n, to="room")
+
+    messages = [event("s", "wait", n) for n in range(8)]
+    fill_inbox(redis_client, keys, messages)
+    node = cluster.app_node(app, workers=8)
+    # one worker handling the burst in turn would start one at a time
+    wait_until(lambda: len(running) == 8, message="the burst's handlers did not all start")
+    release.set()
+    wait_until(lambda: node.handled == 8, message="not all handled")
+    data, _ = said(redis_client, keys)
+    assert sorted(data) == list(range(8))
+    assert redis_client.llen(node.processing) == 0 and not node._inflight
+
+
+def test_a_burst_to_idle_workers_is_taken_and_written_in_one_round_trip_each(
+        cluster, config, redis_client):
+    """Messages that arrive together while every worker waits: with each of 32 workers
+    blocked on the inbox, Redis would hand the burst out one message per worker, each
+    with a take and a stream write of its own. One worker waits at a time, so handlers
+    that never yield get the burst in one take and write it in one stream entry."""
+    keys = Keys(config.prefix)
+    app = App()
+
+    @app.on("say")
+    def say(sid, n):
+        app.emit("said", n, to="room")
+
+    node = cluster.app_node(app, workers=32)
+    wait_until(lambda: any(c["cmd"] == "blmove" for c in redis_client.client_list()),
+               message="no worker waits on the inbox")
+    redis_client.config_resetstat()
+    bursts, size = 6, TAKE_MORE + 1
+    for burst in range(bursts):
+        # one LPUSH: the burst arrives at once
+        redis_client.lpush(keys.inbox, *[event("s", "say", burst * size + n).encode()
+                                         for n in range(size)])
+        wait_until(lambda done=(burst + 1) * size: node.handled == done,
+                   message="burst not handled")
+    data, entries = said(redis_client, keys)
+    assert data == list(range(bursts * size))       # in order: one worker took each burst
+    assert entries <= 2 * bursts, entries
+    calls = {name.split("_", 1)[1]: int(v["calls"])
+             for name, v in redis_client.info("commandstats").items()}
+    assert calls.get("blmove", 0) <= 3 * bursts, calls
