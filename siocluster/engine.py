@@ -132,13 +132,17 @@ class FrameWriter:
     def _cut(self, waiting: int) -> None:
         self.broken = True
         self._backlog = []
+        self.shutdown()
+        if self._on_overflow is not None:
+            self._on_overflow(waiting)
+
+    def shutdown(self) -> None:
+        """End the connection now: the reader wakes to the end of the stream and closes
+        it as usual, whether or not the client is still there to answer."""
         try:
-            # the reader wakes to the end of the stream and closes the connection as usual
             self._raw.shutdown(stdlib_socket.SHUT_RDWR)
         except OSError:
             pass
-        if self._on_overflow is not None:
-            self._on_overflow(waiting)
 
     def finish(self, timeout: float) -> None:
         """Give the backlog ``timeout`` seconds to drain, then write nothing more."""
@@ -225,6 +229,10 @@ class EngineSocket(Socket):
         websocket = self._websocket
         if websocket is not None and not websocket.closed:
             websocket.close()
+        if reason == self.server.reason.PING_TIMEOUT:
+            # a client that stopped answering pings may be gone without a word (a half-open
+            # connection): waiting for it to answer the close frame could take forever
+            writer.shutdown()
 
     _websocket = None    # gevent-websocket's WebSocket, while the reader runs
 
