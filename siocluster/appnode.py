@@ -11,10 +11,11 @@ The application is an `App`, written like a python-socketio server::
 
 An `AppNode` runs it with ``workers`` greenlets. One at a time waits on the inbox: a
 blocking ``BLMOVE`` into this app-node's processing list with, in the same round trip, a
-script taking up to `TAKE_MORE` more that wait behind it. That worker then calls the
-handlers of what it took, in order, writes all the commands they made and drops them from
-the processing list in one more round trip, while the next worker waits on the inbox. Each
-message goes to exactly one app-node. A handler that raises is logged with its envelope;
+script taking as many more as there are idle workers (up to `TAKE_MORE`). Each message
+taken goes to a free worker; a worker whose handlers never yield handles the ones left in
+turn, then writes all the commands they made and drops them from the processing list in
+one round trip, while handlers that wait run side by side. Each message goes to exactly one
+app-node. A handler that raises is logged with its envelope;
 the message is tried again (its own commands dropped, the other messages of its batch
 unaffected), and after ``max_attempts`` it goes to the dead-letter list.
 

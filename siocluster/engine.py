@@ -197,6 +197,7 @@ class EngineSocket(Socket):
     """An engineio socket that writes its websocket frames itself (see the module)."""
 
     writer = None        # a FrameWriter once the socket is on websocket
+    _websocket = None    # gevent-websocket's WebSocket, while the reader runs
 
     def send(self, pkt):
         writer = self.writer
@@ -233,8 +234,6 @@ class EngineSocket(Socket):
             # a client that stopped answering pings may be gone without a word (a half-open
             # connection): waiting for it to answer the close frame could take forever
             writer.shutdown()
-
-    _websocket = None    # gevent-websocket's WebSocket, while the reader runs
 
     def _websocket_handler(self, ws):
         websocket = getattr(ws, "_sock", None)      # gevent-websocket's WebSocket
