@@ -378,9 +378,7 @@ class AppNode(Node):
                              self._busy)
         self.join(timeout)
         try:
-            if self._ready:
-                unstarted, self._ready = list(self._ready), collections.deque()
-                self._give_back(unstarted)
+            self._give_back_ready()
             left = self._give_back_all()
         except REDIS_DOWN:
             # still registered: once our heartbeat lapses the reaper hands them over
@@ -434,6 +432,12 @@ class AppNode(Node):
                 self._ready.extend(raws[1:])
                 return raws[0]
         return self._ready.popleft()
+
+    def _give_back_ready(self) -> None:
+        """Messages taken and not started by any worker go back to the inbox."""
+        if self._ready:
+            unstarted, self._ready = list(self._ready), collections.deque()
+            self._give_back(unstarted)
 
     def _release(self, raws) -> None:
         """Messages finished or given back are no longer held by this process."""
@@ -730,9 +734,8 @@ class AppNode(Node):
         if rest:
             left, rest[:] = rest[:], []
             self._give_back(left)
-        if self._ready and self._busy >= self.config.workers:
-            unstarted, self._ready = list(self._ready), collections.deque()
-            self._give_back(unstarted)
+        if self._busy >= self.config.workers:
+            self._give_back_ready()
         done = getattr(self._ctx, "done", None) or []
         batch = getattr(self._ctx, "batch", None) or []
         if done:

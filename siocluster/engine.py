@@ -223,7 +223,7 @@ class EngineSocket(Socket):
                                    reason or self.server.reason.SERVER_DISCONNECT,
                                    run_async=False)
         if not abort:
-            writer.write(websocket_frame(eio_packet.Packet(eio_packet.CLOSE)))
+            self.send(eio_packet.Packet(eio_packet.CLOSE))
         self.closed = True
         # what engineio's writer did as it ended: the websocket's close frame, after the
         # backlog; the client answers it and the reader ends
