@@ -9,7 +9,8 @@ passed down; nothing deeper in siocluster reads the environment.
 
 The seed's keys (``REDIS_HOST``, ``REDIS_PORT``, ``REDIS_PASSWORD``, ``REDIS_DATABASE``,
 ``HTTP_HOST``, ``HTTP_PORT``, ``CLIENT_CONFIG_URL``, ``IO_SERVERS``) are accepted as they
-are. Anything wrong fails at start with a `ConfigError` that names the key.
+are. Anything wrong fails at start with a `ConfigError` that names the key. The Redis URL
+is checked, and the client built from it, by `siocluster.connection`.
 """
 
 import argparse
@@ -20,16 +21,14 @@ import os
 import socket
 import uuid
 from typing import Any, List, Mapping, Optional, Union
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from . import defaults
+from .connection import make_redis, parse_redis_url
+from .errors import ConfigError
+from .net import port_number
 
 ENV_PREFIX = "SIOCLUSTER_"
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
-
-
-class ConfigError(ValueError):
-    """Raised at start for configuration that cannot work; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,22 +62,12 @@ class IoServer:
             raise ConfigError(f"{key}: unknown field {sorted(unknown)[0]!r} in {dict(value)!r}")
         internal = str(value.get("internal") or "")
         external = str(value.get("external") or internal or "")
-        port = _port(value.get("port"), f"{key}.port")
+        port = port_number(value.get("port"), f"{key}.port")
         return cls(internal=internal or external, external=external, port=port)
 
     def public(self) -> dict:
         """What a browser may see: the external address only."""
         return {"host": self.external, "port": self.port}
-
-
-def _port(value: Any, key: str) -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: {value!r} is not a port number")
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{key}: {port} is not a port number (0-65535)")
-    return port
 
 
 def _field(default, help, *, seed=None, flag=True):
@@ -333,7 +322,7 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
 def _coerce(name: str, value: Any, key: str) -> Any:
     """Turn a value from any source (often a string) into the field's type, or say why not."""
     if name in ("http_port", "redis_port"):
-        return _port(value, key)
+        return port_number(value, key)
     if name == "io_servers":
         if isinstance(value, str):
             value = value.strip()
@@ -382,68 +371,6 @@ def _coerce(name: str, value: Any, key: str) -> Any:
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{key}: {value!r} must be a string")
     return value
-
-
-def parse_redis_url(url: str) -> dict:
-    """Check a Redis URL and return its parts; raises `ConfigError` for a malformed one."""
-    try:
-        parts = urlsplit(url)
-        if "sentinel" not in parts.scheme:
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise ConfigError(f"REDIS_URL: {url!r} is malformed ({exc})")
-    if parts.scheme not in REDIS_SCHEMES:
-        raise ConfigError(f"REDIS_URL: {url!r} has scheme {parts.scheme!r}; "
-                          f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
-    if parts.scheme.endswith("sentinel"):
-        hosts = []
-        for item in parts.netloc.rpartition("@")[2].split(","):
-            host, _, port = item.partition(":")
-            if not host:
-                raise ConfigError(f"REDIS_URL: {url!r} names no sentinel host")
-            hosts.append((host, _port(port or 26379, "REDIS_URL")))
-        path = [p for p in parts.path.split("/") if p]
-        if not path:
-            raise ConfigError(f"REDIS_URL: {url!r} needs the sentinel service name: "
-                              "redis+sentinel://host:26379/mymaster/0")
-        db = path[1] if len(path) > 1 else "0"
-        if not db.isdigit():
-            raise ConfigError(f"REDIS_URL: database {db!r} in {url!r} is not a number")
-        return {"sentinels": hosts, "service": path[0], "db": int(db),
-                "username": unquote(parts.username) if parts.username else None,
-                "password": unquote(parts.password) if parts.password else None,
-                "ssl": parts.scheme.startswith("rediss")}
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(f"REDIS_URL: {url!r} names no host")
-    db = parts.path.strip("/")
-    if parts.scheme != "unix" and db and not db.isdigit():
-        raise ConfigError(f"REDIS_URL: database {db!r} in {url!r} is not a number")
-    return {"scheme": parts.scheme}
-
-
-def make_redis(url: str, options: Optional[dict] = None):
-    """A redis-py client with timeouts fit for blocking pops and health checks."""
-    import redis
-    from redis.sentinel import Sentinel
-
-    opts = {
-        "decode_responses": True,
-        "socket_timeout": defaults.REDIS_SOCKET_TIMEOUT,
-        "socket_connect_timeout": defaults.REDIS_CONNECT_TIMEOUT,
-        "socket_keepalive": True,
-        "health_check_interval": defaults.REDIS_HEALTH_CHECK_INTERVAL,
-        # bytes that are not UTF-8 (garbage anyone pushed) read back as they are and match
-        # themselves when written back, so a reader skips them instead of failing on them
-        "encoding_errors": "surrogateescape",
-    }
-    opts.update(options or {})
-    parts = parse_redis_url(url)
-    if "sentinels" in parts:
-        auth = {k: parts[k] for k in ("username", "password") if parts[k]}
-        sentinel = Sentinel(parts["sentinels"], sentinel_kwargs=dict(auth),
-                            ssl=parts["ssl"], **opts)
-        return sentinel.master_for(parts["service"], db=parts["db"], **auth)
-    return redis.Redis.from_url(url, **opts)
 
 
 ConfigLike = Union[Config, Mapping[str, Any], None]

@@ -3,7 +3,7 @@
 import pytest
 
 from siocluster import Config, ConfigError, IoServer
-from siocluster.config import make_redis, parse_redis_url
+from siocluster.connection import make_redis, parse_redis_url
 
 
 def test_defaults():

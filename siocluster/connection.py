@@ -1,0 +1,79 @@
+"""The connection to Redis: which URLs can name the cluster's Redis, and the redis-py client
+every node talks to it with.
+
+    parse_redis_url("redis+sentinel://s1:26379,s2/mymaster/0")   # checks; ConfigError if bad
+    client = make_redis("redis://localhost:6379/0")
+
+`Config.redis_client()` is the usual way in; it passes the configured URL and options here.
+"""
+
+from typing import Optional
+from urllib.parse import unquote, urlsplit
+
+from . import defaults
+from .errors import ConfigError
+from .net import port_number
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
+def parse_redis_url(url: str) -> dict:
+    """Check a Redis URL and return its parts; raises `ConfigError` for a malformed one."""
+    try:
+        parts = urlsplit(url)
+        if "sentinel" not in parts.scheme:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL: {url!r} is malformed ({exc})")
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"REDIS_URL: {url!r} has scheme {parts.scheme!r}; "
+                          f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+    if parts.scheme.endswith("sentinel"):
+        hosts = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = item.partition(":")
+            if not host:
+                raise ConfigError(f"REDIS_URL: {url!r} names no sentinel host")
+            hosts.append((host, port_number(port or 26379, "REDIS_URL")))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ConfigError(f"REDIS_URL: {url!r} needs the sentinel service name: "
+                              "redis+sentinel://host:26379/mymaster/0")
+        db = path[1] if len(path) > 1 else "0"
+        if not db.isdigit():
+            raise ConfigError(f"REDIS_URL: database {db!r} in {url!r} is not a number")
+        return {"sentinels": hosts, "service": path[0], "db": int(db),
+                "username": unquote(parts.username) if parts.username else None,
+                "password": unquote(parts.password) if parts.password else None,
+                "ssl": parts.scheme.startswith("rediss")}
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"REDIS_URL: {url!r} names no host")
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ConfigError(f"REDIS_URL: database {db!r} in {url!r} is not a number")
+    return {"scheme": parts.scheme}
+
+
+def make_redis(url: str, options: Optional[dict] = None):
+    """A redis-py client with timeouts fit for blocking pops and health checks."""
+    import redis
+    from redis.sentinel import Sentinel
+
+    opts = {
+        "decode_responses": True,
+        "socket_timeout": defaults.REDIS_SOCKET_TIMEOUT,
+        "socket_connect_timeout": defaults.REDIS_CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": defaults.REDIS_HEALTH_CHECK_INTERVAL,
+        # bytes that are not UTF-8 (garbage anyone pushed) read back as they are and match
+        # themselves when written back, so a reader skips them instead of failing on them
+        "encoding_errors": "surrogateescape",
+    }
+    opts.update(options or {})
+    parts = parse_redis_url(url)
+    if "sentinels" in parts:
+        auth = {k: parts[k] for k in ("username", "password") if parts[k]}
+        sentinel = Sentinel(parts["sentinels"], sentinel_kwargs=dict(auth),
+                            ssl=parts["ssl"], **opts)
+        return sentinel.master_for(parts["service"], db=parts["db"], **auth)
+    return redis.Redis.from_url(url, **opts)
