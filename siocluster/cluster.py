@@ -20,25 +20,23 @@ Other settings reach every node as ``SIOCLUSTER_*`` environment variables.
 
 import argparse
 import errno
-import ipaddress
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import List, Optional
 
 from . import defaults
-from .config import ConfigError, make_redis, parse_redis_url
+from .connection import make_redis
+from .embedded import EmbeddedRedis, check_redis
+from .net import accepts, bind_error, browser_host, is_wildcard, parse_ports, primary_address
 
 UNPRIVILEGED_POLICY_PORT = 10843
 START_TIMEOUT = 30.0       # seconds to wait for every node to listen before saying so
-REDIS_START_TIMEOUT = 10.0
 
 
 class Stop(Exception):
@@ -84,7 +82,7 @@ class ClusterRunner:
         self.out = out or sys.stdout
         self.children: List[Child] = []
         self.redis: Optional[Child] = None
-        self.redis_dir: Optional[str] = None
+        self.embedded: Optional[EmbeddedRedis] = None
         self.redis_url = options.redis_url
         self.exits: queue.Queue = queue.Queue()    # children that exited
         self._lock = threading.Lock()
@@ -112,13 +110,14 @@ class ClusterRunner:
         self._width = max(len(c.name) for c in nodes + [Child("cluster", [])])
         self._check_ports(nodes)
         if self.redis_url:
-            self._check_redis()
+            check_redis(self.redis_url)
+            self.say(f"using Redis at {self.redis_url.split('@')[-1]}, key prefix {o.prefix!r}")
         else:
             self._start_redis()
         for child in nodes:
             self._spawn(child)
         self._wait_ready(nodes)
-        host = _browser_host(o.host)
+        host = browser_host(o.host)
         self.say(f"ready: open http://{host}:{o.frontend_port}/ in a browser "
                  f"(io-nodes on {', '.join(str(p) for p in o.io_ports)}, {o.app_nodes} app-nodes, "
                  f"policy server on {o.policy_port}); Ctrl-C stops the cluster")
@@ -126,7 +125,7 @@ class ClusterRunner:
     def _plan(self) -> List[Child]:
         o = self.options
         py = [sys.executable]
-        if o.policy_port < 1024 and _bind_error(o.host, o.policy_port) == errno.EACCES:
+        if o.policy_port < 1024 and bind_error(o.host, o.policy_port) == errno.EACCES:
             self.say(f"port {o.policy_port} needs root (or CAP_NET_BIND_SERVICE): the policy "
                      f"server listens on {UNPRIVILEGED_POLICY_PORT} instead; choose with "
                      f"POLICY_PORT=... (make) or --policy-port")
@@ -160,7 +159,7 @@ class ClusterRunner:
             if ports.count(child.port) > 1:
                 raise SystemExit(f"port {child.port} is given to two nodes: choose distinct "
                                  "--frontend-port, --io-ports and --policy-port")
-            error = _bind_error(self.options.host, child.port)
+            error = bind_error(self.options.host, child.port)
             if error is not None:
                 why = {errno.EADDRINUSE: "is in use: stop what uses it, or choose other ports "
                                          "(make run-cluster FRONTEND_PORT=9080 "
@@ -172,51 +171,14 @@ class ClusterRunner:
                                  f"{why.get(error, os.strerror(error))}")
 
     def _start_redis(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed: run `make install` (it installs "
-                             "it), or `apt-get install redis-server`, or point the cluster at "
-                             "a running Redis with --redis-url (REDIS_URL=... for make)")
-        port = _free_port()
-        self.redis_dir = tempfile.mkdtemp(prefix="siocluster-redis-")
-        self.redis = Child("redis", [exe, "--port", str(port), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no",
-                                     "--dir", self.redis_dir, "--protected-mode", "no"], port)
-        self._width = max(self._width, len("redis"))
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.embedded = EmbeddedRedis()
+        self.redis = Child("redis", self.embedded.args, self.embedded.port)
+        self._width = max(self._width, len(self.redis.name))
+        self.redis_url = self.embedded.url
         self._spawn(self.redis)
-        client = make_redis(self.redis_url, {"socket_connect_timeout": 0.5})
-        deadline = time.monotonic() + REDIS_START_TIMEOUT
-        while True:
-            try:
-                client.ping()
-                break
-            except OSError as exc:
-                error = exc
-            except Exception as exc:  # redis-py's ConnectionError while it starts
-                error = exc
-            if not self.redis.alive():
-                raise SystemExit("redis-server exited at start; its lines above say why")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"redis-server did not answer in {REDIS_START_TIMEOUT}s: {error}")
-            time.sleep(0.05)
-        client.close()
-        self.say(f"embedded Redis at {self.redis_url} (data in {self.redis_dir}, removed at stop)")
-
-    def _check_redis(self) -> None:
-        try:
-            parse_redis_url(self.redis_url)
-            client = make_redis(self.redis_url)
-            client.ping()
-            client.close()
-        except ConfigError as exc:
-            raise SystemExit(str(exc))
-        except Exception as exc:
-            raise SystemExit(f"cannot reach Redis at {self.redis_url.split('@')[-1]}: {exc}. "
-                             "Start it, fix --redis-url (REDIS_URL=... for make), or leave it "
-                             "out to use an embedded redis-server.")
-        self.say(f"using Redis at {self.redis_url.split('@')[-1]}, "
-                 f"key prefix {self.options.prefix!r}")
+        self.embedded.wait_ready(self.redis.alive)
+        self.say(f"embedded Redis at {self.redis_url} (data in {self.embedded.dir}, "
+                 "removed at stop)")
 
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -249,7 +211,7 @@ class ClusterRunner:
             if dead:
                 raise SystemExit(f"{', '.join(c.name for c in dead)} exited at start; "
                                  "the lines above say why")
-            listening = [c for c in listening if not _accepts(self.options.host, c.port)]
+            listening = [c for c in listening if not accepts(self.options.host, c.port)]
             try:
                 apps = len(state.nodes(role="app-node"))
             except Exception:
@@ -292,9 +254,9 @@ class ClusterRunner:
         for child in self.children + ([self.redis] if self.redis else []):
             if child.reader is not None:
                 child.reader.join(timeout=5)
-        if self.redis_dir:
-            shutil.rmtree(self.redis_dir, ignore_errors=True)
-            self.redis_dir = None
+        if self.embedded is not None:
+            self.embedded.remove()
+            self.embedded = None
 
     def _terminate(self, children: List[Child]) -> None:
         running = [c for c in children if c.alive()]
@@ -326,72 +288,13 @@ _POLICY_ENTRY = ("from gevent import monkey; monkey.patch_all(); "
 def frontend_origins(host: str, port: int, public_host: Optional[str] = None) -> List[str]:
     """The origins a page served by the frontend-node has: what the io-nodes must allow."""
     hosts = ["localhost", "127.0.0.1"]
-    if _is_wildcard(host):
-        hosts += [socket.gethostname(), *_primary_address()]
+    if is_wildcard(host):
+        hosts += [socket.gethostname(), *primary_address()]
     else:
         hosts.append(host)
     if public_host:
         hosts.append(public_host)
     return [f"http://{h}:{port}" for h in dict.fromkeys(hosts)]
-
-
-def _is_wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
-
-
-def _primary_address() -> List[str]:
-    """This machine's address on its default route, if it has one (nothing is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))      # TEST-NET-1: only picks the outgoing interface
-            return [s.getsockname()[0]]
-        except OSError:
-            return []
-
-
-def _browser_host(host: str) -> str:
-    return "localhost" if _is_wildcard(host) else host
-
-
-def _bind_error(host: str, port: int) -> Optional[int]:
-    """None when a server could listen on ``host:port`` now, else the errno saying why not."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        # as the servers do: a port with only closed connections in TIME_WAIT is free
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            return exc.errno
-    return None
-
-
-def _accepts(host: str, port: int) -> bool:
-    target = "127.0.0.1" if _is_wildcard(host) else host
-    try:
-        with socket.create_connection((target, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports(text: str) -> List[int]:
-    try:
-        ports = [int(p) for p in text.replace(",", " ").split()]
-    except ValueError:
-        ports = []
-    if not ports or not all(0 < p < 65536 for p in ports):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of ports such as \"8081 8082\"")
-    return ports
 
 
 def _count(text: str) -> int:
@@ -416,7 +319,7 @@ def argument_parser(environ=None) -> argparse.ArgumentParser:
                              "serves other machines)")
     parser.add_argument("--frontend-port", type=int, default=defaults.HTTP_PORT,
                         help="the frontend-node's port (default: %(default)s)")
-    parser.add_argument("--io-ports", type=_ports, default=[8081, 8082], metavar='"PORT ..."',
+    parser.add_argument("--io-ports", type=parse_ports, default=[8081, 8082], metavar='"PORT ..."',
                         help="one io-node per port (default: \"8081 8082\")")
     parser.add_argument("--app-nodes", type=_count, default=2,
                         help="how many app-nodes (default: %(default)s)")

@@ -27,7 +27,6 @@ otherwise the io-nodes alive right now in the Redis heartbeat registry (sorted b
 port). Both answers are sent with ``Cache-Control: no-store``: the live list changes.
 """
 
-import ipaddress
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .config import Config, ConfigLike, as_config
+from .net import is_wildcard
 from .state import ClusterState, Keys
 
 # keep in step with scripts/fetch-socketio-client
@@ -91,7 +91,7 @@ class Frontend:
             servers = sorted({(i.get("external") or "", i["port"]) for i in live if i.get("port")})
             servers = [{"host": host, "port": port} for host, port in servers]
         for server in servers:
-            if _is_wildcard(server["host"]):
+            if is_wildcard(server["host"]):
                 server["host"] = request_host
             host = f"[{server['host']}]" if ":" in server["host"] else server["host"]
             server["url"] = f"{scheme}://{host}:{server['port']}"
@@ -179,15 +179,6 @@ def make_frontend_server(flask_app: Flask, config: ConfigLike = None, **options)
     ``makeFrontendServer``); ``options`` go to `make_blueprint`."""
     flask_app.register_blueprint(make_blueprint(config, **options))
     return flask_app
-
-
-def _is_wildcard(host: str) -> bool:
-    if not host:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
 
 
 def _request_hostname() -> str:

@@ -21,6 +21,7 @@ from gevent.server import StreamServer
 from . import defaults
 from .config import Config, ConfigError, ConfigLike, as_config
 from .entry import listen_error, wait_for_signal
+from .net import parse_ports
 
 REQUEST = b"<policy-file-request/>"
 
@@ -99,17 +100,6 @@ def _may_be_request(data: bytes) -> bool:
                                         and not head[len(REQUEST):].strip())
 
 
-def _port_list(text: str) -> List[int]:
-    try:
-        ports = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        ports = []
-    if not ports or not all(0 < p < 65536 for p in ports):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ports "
-                                         "such as 8081,8082")
-    return ports
-
-
 def main(argv=None) -> None:
     """Command line of ``python policy_server.py``; SIGTERM or SIGINT stops it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -121,7 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--port", "-p", type=int, default=defaults.POLICY_PORT,
                         help=f"port to listen on (default: {defaults.POLICY_PORT}, which "
                              "needs root or CAP_NET_BIND_SERVICE)")
-    parser.add_argument("--allow-ports", type=_port_list, metavar="PORT,...",
+    parser.add_argument("--allow-ports", type=parse_ports, metavar="PORT,...",
                         help="io-node ports Flash clients may use (default: the ports of "
                              "SIOCLUSTER_IO_SERVERS, else every port)")
     parser.add_argument("--timeout", type=float, default=defaults.POLICY_TIMEOUT,
