@@ -228,7 +228,7 @@ class System:
 def start_cluster(redis: Redis, logdir: str, io_nodes: int = 2, app_nodes: int = 1,
                   workers: int = 32, tag: str = "cluster") -> System:
     """siocluster: io-nodes and app-nodes as their users run them (``python -m``)."""
-    from siocluster import ClusterState, Keys
+    from siocluster.state import ClusterState, Keys
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     common = ["--redis-url", redis.url, "--prefix", prefix, "--rate-limit", "0"]

@@ -1,38 +1,30 @@
 """siocluster: run a Socket.IO application as a cluster of io-nodes and app-nodes over Redis.
 
-The flat public API. Importing the package imports nothing heavy (gevent must be able to
-monkey-patch first in the entry points), so names are loaded on first use.
+The flat public API: the roles a user writes and runs. Importing the package imports
+nothing heavy (gevent must be able to monkey-patch first in the entry points), so names
+are loaded on first use.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
+# the user-facing roles; the seed's names are in `siocluster.seed`, the wire format in
+# `siocluster.envelope`, the Redis layout in `siocluster.state`
 _EXPORTS = {
     "Config": "config",
     "ConfigError": "config",
     "IoServer": "config",
-    "Envelope": "envelope",
-    "MessageError": "envelope",
-    "ClusterState": "state",
-    "Keys": "state",
-    "IoNode": "ionode",
-    "IoSocketServer": "engine",
-    "Client": "ionode",
-    "App": "appnode",
+    "App": "app",
+    "CallTimeout": "app",
+    "current": "app",
     "AppNode": "appnode",
-    "CallTimeout": "appnode",
+    "IoNode": "ionode",
+    "Client": "ioclient",
+    "IoSocketServer": "engine",
     "PolicyServer": "policy",
     "make_blueprint": "frontend",
     "make_frontend_server": "frontend",
-    "make_io_listener": "seed",
-    "make_io_server": "seed",
-    "make_listener": "seed",
-    "make_app_server": "seed",
-    "IoListener": "seed",
-    "IoMessage": "seed",
-    "Listener": "seed",
-    "AppMessage": "seed",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

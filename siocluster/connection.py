@@ -5,6 +5,8 @@ every node talks to it with.
     client = make_redis("redis://localhost:6379/0")
 
 `Config.redis_client()` is the usual way in; it passes the configured URL and options here.
+redis-py itself is imported only when a client is made: the policy server and the
+frontend's configuration never load it.
 """
 
 from typing import Optional

@@ -1,9 +1,9 @@
 """The io-node's Engine.IO server: python-engineio, with lean websocket connections.
 
 In gevent mode engineio gives every websocket connection three greenlets (its reader, a
-writer waiting on a queue, and a ping sleeper started again after every pong) and sends
-every packet through that queue to the writer, which encodes and writes it. An io-node
-holds many mostly idle connections and fans each message out to many of them, so here:
+writer waiting on a queue, a ping sleeper) and sends every packet through that queue to
+the writer. An io-node holds many mostly idle connections and fans each message out to
+many of them, so here:
 
 - a websocket connection has one greenlet, its reader. A packet is written where it is
   sent, with no switch to another greenlet, and a broadcast's frame is encoded once: the
@@ -18,6 +18,11 @@ Polling connections, and a connection's polling phase before it upgrades, keep e
 queue. `IoSocketServer` is a ``socketio.Server`` on this engine; the io-node makes one::
 
     sio = IoSocketServer(async_mode="gevent", max_send_backlog=4 << 20)
+
+The one module that reaches into private names of python-engineio, python-socketio, gevent
+and gevent-websocket (the functions at its end serve the io-node and the app), each use
+saying why; setup.cfg pins the versions of `TESTED_WITH`, and tests/test_engine.py checks
+that every name it relies on is there.
 """
 
 import collections
@@ -31,8 +36,12 @@ import gevent
 import socketio
 from engineio import packet as eio_packet
 from engineio.socket import Socket
+from socketio import packet as sio_packet
 
 from . import defaults
+
+# the versions this module was written and tested against (setup.cfg pins the same ranges)
+TESTED_WITH = {"python-engineio": "4.15", "python-socketio": "5.18", "gevent-websocket": "0.10"}
 
 _PING = eio_packet.Packet(eio_packet.PING)
 # engineio's own logger stays quiet unless asked (engineio_logger=True); a slow client cut
@@ -82,11 +91,6 @@ class FrameWriter:
         self._flusher = None
         self._on_overflow = on_overflow
         self.broken = False
-
-    @classmethod
-    def usable(cls, sock) -> bool:
-        """Whether ``sock`` is a gevent socket with the real socket under it."""
-        return sock is not None and hasattr(getattr(sock, "_sock", None), "send")
 
     @property
     def waiting(self) -> int:
@@ -238,7 +242,9 @@ class EngineSocket(Socket):
     def _websocket_handler(self, ws):
         websocket = getattr(ws, "_sock", None)      # gevent-websocket's WebSocket
         sock = getattr(getattr(websocket, "handler", None), "socket", None)
-        if not FrameWriter.usable(sock) or not hasattr(websocket, "raw_write"):
+        # a gevent socket, with the real (non-blocking) socket under it
+        if not hasattr(getattr(sock, "_sock", None), "send") or not hasattr(websocket,
+                                                                              "raw_write"):
             # another websocket server: engineio's own handler, writer greenlet and all
             return super()._websocket_handler(ws)
         server = self.server
@@ -327,12 +333,11 @@ class EngineServer(engineio.Server):
         self.pinger.stop()
 
     def _handle_connect(self, environ, start_response, transport, jsonp_index=None):
-        """engineio's connect, with an `EngineSocket`."""
+        """engineio's connect (a private method, copied from 4.15), with an `EngineSocket`."""
         if self.start_service_task:
             # the task that closes sockets whose client stopped answering pings
             self.start_service_task = False
             self.service_task_handle = self.start_background_task(self._service_task)
-
         sid = self.generate_id()
         s = EngineSocket(self, sid)
         self.sockets[sid] = s
@@ -373,3 +378,73 @@ class IoSocketServer(socketio.Server):
 
     def _engineio_server_class(self):
         return EngineServer
+
+
+# ---- what the io-node and the app need of python-socketio's and engineio's insides --------
+
+def hook_events(sio: socketio.Server, handler) -> None:
+    """Route clients' events to ``handler(server, sid, eio_sid, data, namespace, ack_id)``:
+    an io-node's answer to an ack comes later, from an app-node, so it needs the ack id, and
+    this private method is the one place python-socketio hands it over."""
+    sio._handle_event_internal = handler
+
+
+def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args: list) -> None:
+    """Answer a client's event ``ack_id`` with ``args``, later than python-socketio would."""
+    sio._send_packet(eio_sid, sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id,
+                                               data=list(args)))
+
+
+def origin_allowed(sio: socketio.Server, environ: dict) -> bool:
+    """Whether a request's ``Origin`` may open a connection, by the very rule Engine.IO
+    applies (``cors_allowed_origins``), which it keeps private."""
+    origin = environ.get("HTTP_ORIGIN")
+    eio = sio.eio
+    if not origin or eio.cors_allowed_origins == []:
+        return True
+    allowed = eio._cors_allowed_origins(environ)
+    return allowed is None or origin in allowed
+
+
+def drop_connections(sio: socketio.Server) -> list:
+    """Drop every connection without a Socket.IO disconnect or even an Engine.IO close packet
+    (after which python-socketio's client gives up): every client reconnects by itself."""
+    sockets = list(sio.eio.sockets.values())
+    for sock in sockets:
+        try:
+            # no waiting: a polling client may never come back for its last answer
+            sock.close(wait=False, abort=True, reason=sio.eio.reason.SERVER_DISCONNECT)
+        except Exception:
+            logger.exception("closing %s", sock.sid)
+    return sockets
+
+
+def sends_pending(sockets: list) -> bool:
+    """Whether packets still wait in engineio's queue of a (polling) socket."""
+    return any(not sock.queue.empty() for sock in sockets)
+
+
+def bind_namespace(namespace_handler: socketio.Namespace, app) -> None:
+    """Bind a class-based namespace to ``app`` as python-socketio's server binds its own."""
+    namespace_handler._set_server(app)
+
+
+def use_fast_websocket_reads() -> None:
+    """Unmask clients' websocket frames with wsaccel's C code: gevent-websocket uses wsaccel's
+    UTF-8 validator by itself, but unmasks in a Python loop over every byte (about 26 us for
+    a short message). Called as the io-node starts; again, or without wsaccel, a no-op."""
+    try:
+        from wsaccel.xormask import XorMaskerSimple
+    except ImportError:
+        return
+    from geventwebsocket.websocket import Header
+
+    if getattr(Header.unmask_payload, "uses_wsaccel", False):
+        return
+
+    def unmask_payload(header, payload):
+        # a bytearray, as gevent-websocket's own returns
+        return bytearray(XorMaskerSimple(header.mask).process(payload))
+
+    unmask_payload.uses_wsaccel = True
+    Header.unmask_payload = unmask_payload

@@ -158,6 +158,7 @@ class Envelope:
 
 
 # ---- commands: app-node -> stream -> io-nodes --------------------------------------------
+# The schema, then one constructor per kind: the only places a command is spelled out.
 
 COMMANDS = {
     # name: the fields it must carry
@@ -171,6 +172,61 @@ COMMANDS = {
     "call": ("ns", "sid", "event", "reply"),  # emit that wants the client's answer
     "app": ("type",),                   # a custom app message for io-node code (seed API)
 }
+
+
+
+
+def emit_command(event: str, args: list, namespace: str, to=None, skip=None) -> dict:
+    """Emit ``event`` to one client (a sid), a room, a list of rooms, or the whole
+    namespace (``to`` None), less ``skip`` (a sid or a list of sids)."""
+    command = {"m": "emit", "ns": namespace, "event": event, **pack_args(args)}
+    if to is not None:
+        command["to"] = to
+    if skip is not None:
+        command["skip"] = skip
+    return command
+
+
+def room_command(method: str, sid: str, room: str, namespace: str) -> dict:
+    """``enter_room`` or ``leave_room``: applied by the io-node holding ``sid``."""
+    if method not in ("enter_room", "leave_room"):
+        raise ValueError(f"not a room command: {method!r}")
+    return {"m": method, "ns": namespace, "sid": sid, "room": room}
+
+
+def close_room_command(room: str, namespace: str) -> dict:
+    return {"m": "close_room", "ns": namespace, "room": room}
+
+
+def disconnect_command(sid: str, namespace: str) -> dict:
+    return {"m": "disconnect", "ns": namespace, "sid": sid}
+
+
+def ack_command(message_id: str, args: list) -> dict:
+    """The answer to a client's event (the envelope ``message_id``) that asked for one."""
+    return {"m": "ack", "id": message_id, **pack_args(args)}
+
+
+def verdict_command(message_id: str, sid: str, namespace: str, ok: bool,
+                    error: Optional[dict] = None) -> dict:
+    """Let a connecting client in, or refuse it with ``error`` (``message``, ``data``)."""
+    command = {"m": "verdict", "id": message_id, "ok": ok, "sid": sid, "ns": namespace}
+    if not ok:
+        command["error"] = error
+    return command
+
+
+def call_command(event: str, args: list, sid: str, namespace: str, reply: str) -> dict:
+    """Emit to one client and push its answer to the list ``reply``."""
+    return {"m": "call", "ns": namespace, "sid": sid, "event": event, "reply": reply,
+            **pack_args(args)}
+
+
+def app_command(type: str, data: Any, namespace: str, recipients: List[dict],
+                excluded: List[str]) -> dict:
+    """A custom message for io-node code (the seed's ``app <type>`` io-node event)."""
+    return {"m": "app", "type": type, "ns": namespace, "data": data,
+            "recipients": list(recipients), "except": list(excluded)}
 
 
 def encode_batch(commands: List[dict]) -> str:

@@ -4,11 +4,10 @@ A node's work is a few loops, each a greenlet running ``while not stopping: step
 A step that raises is logged and the loop goes on; when Redis is unreachable the loop
 backs off (doubling up to a cap, reset after a success) and the node says so once, not
 once per message; a step that got an answer from Redis calls `_redis_back()`, which says
-once that Redis is back. `stop()` sets the flag and `join()` waits, so tests start and
-stop real nodes in-process.
+once that Redis is back and calls `redis_returned()`, for subclasses to catch up.
+`stop()` sets the flag and `join()` waits, so tests start and stop real nodes in-process.
 """
 
-import json
 import logging
 import socket
 import time
@@ -21,18 +20,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import defaults
 from .config import Config, as_config
-from .reaper import tombstone_key
 from .state import ClusterState, Keys
 
+# what a node's loops take for "Redis is unreachable": back off and try again
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-
-# A heartbeat that finds the tombstone the reaper left tells its node it was given up for
-# dead. KEYS: nodes, alive, tombstone; ARGV: node id, info, now, ttl in ms.
-_HEARTBEAT = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-return redis.call('DEL', KEYS[3])
-"""
 
 
 def require_gevent_patch(role: str) -> None:
@@ -82,7 +73,6 @@ class Node:
         self.started_at = time.time()
         # when this node's Redis connection last came back (0: it never broke)
         self.redis_up_since = 0.0
-        self._heartbeat_script = self.redis.register_script(_HEARTBEAT)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -182,6 +172,10 @@ class Node:
                                 time.time() - self._redis_down_since)
             self._redis_down_since = None
             self.redis_up_since = time.time()
+            self.redis_returned()
+
+    def redis_returned(self) -> None:
+        """Called once when Redis answers again after an outage; subclasses catch up."""
 
     # ---- heartbeat --------------------------------------------------------------------------
 
@@ -192,12 +186,7 @@ class Node:
 
     def heartbeat(self) -> None:
         """Mark this node alive for ``node_ttl`` seconds in the registry."""
-        k = self.keys
-        reaped = self._heartbeat_script(
-            keys=[k.nodes, k.alive(self.id), tombstone_key(k, self.id)],
-            args=[self.id, json.dumps(self.info()), str(time.time()),
-                  int(self.config.node_ttl * 1000)])
-        if reaped:
+        if self.state.heartbeat(self.id, self.info(), self.config.node_ttl):
             self.reaped()
 
     def reaped(self) -> None:

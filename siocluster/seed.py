@@ -43,9 +43,11 @@ from typing import Any, List, Optional
 
 import socketio
 
-from .appnode import App, AppNode
-from .envelope import Envelope, data_to_args, dumps
-from .ionode import Client, IoNode
+from .app import App
+from .appnode import AppNode
+from .envelope import Envelope, app_command, data_to_args, dumps
+from .ioclient import Client
+from .ionode import IoNode
 
 # the seed's app-node event names that python-socketio spells differently
 SEED_EVENTS = {"connection": "connect"}
@@ -112,7 +114,7 @@ class IoMessage:
         envelope = Envelope("event", client.namespace, client.sid, self.node.id,
                             self.node.get_client_info(client), event=self.type,
                             args=data_to_args(self.data))
-        return self.node._enqueue(envelope, client)
+        return self.node.send_to_app(envelope)
 
     setClient = set_client
     setData = set_data
@@ -322,9 +324,8 @@ class AppMessage:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the data of a custom {self.type!r} message goes to io-node code "
                             f"as JSON, and this is not JSON ({exc}): send bytes base64-encoded")
-        self.app._node().command({"m": "app", "type": self.type, "ns": self.namespace,
-                                  "data": self.data, "recipients": list(self.recipients),
-                                  "except": list(self.excluded)}, None)
+        self.app.send_command(app_command(self.type, self.data, self.namespace,
+                                          self.recipients, self.excluded))
 
     setData = set_data
     setType = set_type

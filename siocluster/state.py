@@ -24,6 +24,8 @@ class Keys:
         self.clients = f"{prefix}:clients"            # hash: sid -> client record
         self.nodes = f"{prefix}:nodes"                # hash: node id -> node info
         self.room_prefix = f"{prefix}:room:"
+        self.client_rooms_prefix = f"{prefix}:rooms:"
+        self.reaper_lock = f"{prefix}:reaper"         # string: one reaper pass at a time
 
     def processing(self, app_node: str) -> str:
         """List of the envelopes one app-node is handling right now."""
@@ -47,7 +49,7 @@ class Keys:
         return f"{self.room_prefix}{namespace}:{room}"
 
     def client_rooms(self, sid: str) -> str:
-        return f"{self.prefix}:rooms:{sid}"
+        return f"{self.client_rooms_prefix}{sid}"
 
     def session(self, sid: str) -> str:
         return f"{self.prefix}:session:{sid}"
@@ -55,6 +57,14 @@ class Keys:
     def reply(self, call_id: str) -> str:
         """List an app.call() waits on for the client's answer."""
         return f"{self.prefix}:reply:{call_id}"
+
+    def tombstone(self, node: str) -> str:
+        """Exists while a node the reaper cleaned up has not heartbeated since."""
+        return f"{self.prefix}:reaped:{node}"
+
+    def app(self, *parts: str) -> str:
+        """A key for the application's own data (`App.key`)."""
+        return ":".join((self.prefix, "app", *parts))
 
 
 # Removing a client touches keys derived from its record, so it runs as one script: no other
@@ -82,6 +92,40 @@ redis.call('DEL', KEYS[1])
 return #sids
 """
 
+# A heartbeat that finds the tombstone the reaper left tells its node it was given up for
+# dead. KEYS: nodes, alive, tombstone; ARGV: node id, info, now, ttl in ms.
+_HEARTBEAT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return redis.call('DEL', KEYS[3])
+"""
+
+# A node found dead gets a tombstone, unless it heartbeated meanwhile. KEYS: alive,
+# tombstone; ARGV: tombstone ttl in seconds.
+_CONDEMN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return 1
+"""
+
+# The registry entry goes last, once nothing of the node is left to hand over. KEYS: alive,
+# nodes, processing, node-clients, node command stream; ARGV: node id.
+_BURY = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+if redis.call('LLEN', KEYS[3]) > 0 or redis.call('SCARD', KEYS[4]) > 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[5])
+return 1
+"""
+
+TOMBSTONE_TTL = 24 * 3600     # seconds a dead node's tombstone waits for the node to return
+
 
 class ClusterState:
     """Reads and writes the cluster state; both io-nodes and app-nodes hold one.
@@ -95,6 +139,9 @@ class ClusterState:
         self.keys = keys
         self._forget = redis.register_script(_FORGET_CLIENT)
         self._close_room = redis.register_script(_CLOSE_ROOM)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._condemn = redis.register_script(_CONDEMN)
+        self._bury = redis.register_script(_BURY)
 
     # ---- clients (written by io-nodes) ----------------------------------------------------
 
@@ -136,9 +183,6 @@ class ClusterState:
             return self.redis.hlen(self.keys.clients)
         return self.redis.scard(self.keys.namespace_clients(namespace))
 
-    def node_client_sids(self, node: str) -> List[str]:
-        return list(self.redis.smembers(self.keys.node_clients(node)))
-
     def _records(self, sids: List[str]) -> List[Optional[dict]]:
         if not sids:
             return []
@@ -162,7 +206,7 @@ class ClusterState:
 
     def close_room(self, namespace: str, room: str) -> int:
         return self._close_room(keys=[self.keys.room(namespace, room)],
-                                args=[room, f"{self.keys.prefix}:rooms:"])
+                                args=[room, self.keys.client_rooms_prefix])
 
     def rooms(self, sid: str) -> List[str]:
         """The rooms a client is in (its own sid room not included)."""
@@ -177,9 +221,6 @@ class ClusterState:
         records = self._records(self.room_members(namespace, room))
         return [r for r in records if r is not None]
 
-    def room_count(self, namespace: str, room: str) -> int:
-        return self.redis.scard(self.keys.room(namespace, room))
-
     # ---- sessions ---------------------------------------------------------------------------
 
     def get_session(self, sid: str) -> dict:
@@ -191,12 +232,13 @@ class ClusterState:
 
     # ---- nodes ------------------------------------------------------------------------------
 
-    def heartbeat(self, node: str, info: dict, ttl: float) -> None:
-        """Mark a node alive for ``ttl`` seconds, with what others should know of it."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.nodes, node, json.dumps(info))
-        pipe.set(self.keys.alive(node), str(time.time()), px=int(ttl * 1000))
-        pipe.execute()
+    def heartbeat(self, node: str, info: dict, ttl: float) -> bool:
+        """Mark a node alive for ``ttl`` seconds, with what others should know of it;
+        True when the reaper had given it up for dead since its last heartbeat."""
+        k = self.keys
+        return bool(self._heartbeat(keys=[k.nodes, k.alive(node), k.tombstone(node)],
+                                    args=[node, json.dumps(info), str(time.time()),
+                                          int(ttl * 1000)]))
 
     def remove_node(self, node: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -218,6 +260,20 @@ class ClusterState:
             pipe.exists(self.keys.alive(node))
         flags = pipe.execute()
         return {n: infos[n] for n, up in zip(ids, flags) if bool(up) == alive}
+
+
+    def condemn(self, node: str) -> bool:
+        """Mark a node found dead with a tombstone, unless it heartbeated meanwhile; True
+        when it is condemned and its leftovers are now for the caller to clean up."""
+        return bool(self._condemn(keys=[self.keys.alive(node), self.keys.tombstone(node)],
+                                  args=[TOMBSTONE_TTL]))
+
+    def bury(self, node: str) -> bool:
+        """Remove a dead node's registry entry and command stream, once nothing of it is
+        left to hand over (its processing list and client set are empty)."""
+        k = self.keys
+        return bool(self._bury(keys=[k.alive(node), k.nodes, k.processing(node),
+                                     k.node_clients(node), k.node_commands(node)], args=[node]))
 
 
 def chunks(items: Iterable, size: int):

@@ -38,7 +38,7 @@ def node_env(config):
 
 
 def _live(config, role):
-    from siocluster import ClusterState, Keys
+    from siocluster.state import ClusterState, Keys
 
     return ClusterState(config.redis_client(), Keys(config.prefix)).nodes(role=role)
 

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from siocluster import Envelope, MessageError
 from siocluster.envelope import (
     VERSION,
+    Envelope,
+    MessageError,
     args_to_data,
     data_to_args,
     decode_batch,

@@ -19,8 +19,8 @@ import gevent.queue
 import pytest
 import redis
 
-from siocluster import ClusterState, Keys
 from siocluster.reaper import DIED_REASON
+from siocluster.state import ClusterState, Keys
 from tests.helpers import EventClient, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

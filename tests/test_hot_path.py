@@ -10,9 +10,10 @@ import json
 import gevent
 import gevent.event
 
-from siocluster import App, Keys
+from siocluster import App
 from siocluster.appnode import TAKE_MORE
 from siocluster.envelope import Envelope, decode_batch
+from siocluster.state import Keys
 from tests.helpers import wait_until
 
 

@@ -18,10 +18,11 @@ import pytest
 import redis
 import socketio
 
-from siocluster import App, AppNode, ClusterState, Config, IoNode, Keys
+from siocluster import App, AppNode, Config, IoNode
 from siocluster.envelope import Envelope, encode_batch
-from siocluster.ionode import INBOX_FULL, OUTBOX_FULL
-from siocluster.reaper import DIED_REASON, Reaper, tombstone_key
+from siocluster.outbox import INBOX_FULL, OUTBOX_FULL
+from siocluster.reaper import DIED_REASON, Reaper
+from siocluster.state import ClusterState, Keys
 from tests.conftest import Cluster
 from tests.helpers import EventClient, wait_until
 
@@ -106,7 +107,7 @@ def test_reaper_returns_a_dead_app_nodes_messages_in_order_with_one_more_attempt
         wait_until(lambda: not redis_client.hexists(keys.nodes, dead),
                    message="the dead node's registry entry stayed")
         assert not redis_client.exists(keys.processing(dead))
-        assert redis_client.exists(tombstone_key(keys, dead))
+        assert redis_client.exists(keys.tombstone(dead))
         assert redis_client.hexists(keys.nodes, node.id)     # the reaper's own node stays
     finally:
         node.stop(timeout=3)
@@ -166,9 +167,9 @@ def test_a_node_taken_for_dead_closes_its_connections_when_it_comes_back(cluster
     gone = gevent.event.Event()
     client.sio.on("disconnect", lambda *reason: gone.set())
     # what the reaper leaves when it took the node for dead (and sent the disconnects itself)
-    redis_client.set(tombstone_key(fenced.keys, fenced.id), "1")
+    redis_client.set(fenced.keys.tombstone(fenced.id), "1")
     assert gone.wait(5), "the client of a node taken for dead stayed connected"
-    wait_until(lambda: not redis_client.exists(tombstone_key(fenced.keys, fenced.id)),
+    wait_until(lambda: not redis_client.exists(fenced.keys.tombstone(fenced.id)),
                message="the node did not see its tombstone")
     assert fenced.clients == {}
     # barrier: anything the fenced node pushed before is handled by now
@@ -272,8 +273,8 @@ def test_commands_trimmed_before_an_io_node_read_them_are_reported(config, redis
     io = IoNode(config.replace(stream_maxlen=50))    # its listener is stepped by hand here
     stream = io.keys.commands
     redis_client.xadd(stream, {"b": encode_batch([])})
-    io.last_ids = {stream: None}
-    io.last_ids[stream], io._stream_seq[stream] = io._stream_tip(stream)
+    io.reader.last_ids = {stream: None}
+    io.reader.last_ids[stream], io.reader.seq[stream] = io.reader.tip(stream)
 
     def write(count):
         for _ in range(count):
@@ -283,14 +284,14 @@ def test_commands_trimmed_before_an_io_node_read_them_are_reported(config, redis
     try:
         with caplog.at_level(logging.WARNING, logger="siocluster.io-node"):
             write(40)                  # an outage the stream's retention covers
-            io._check_streams_due = True
+            io.reader.check_due = True
             io._listen_step()
             assert "trimmed" not in caplog.text
             write(300)                 # a longer one: only the last 50 are kept
-            io._check_streams_due = True
+            io.reader.check_due = True
             io._listen_step()
         assert "250 command batch(es)" in caplog.text and "STREAM_MAXLEN" in caplog.text
-        assert io.last_ids[stream] == redis_client.xrevrange(stream, count=1)[0][0]
+        assert io.reader.last_ids[stream] == redis_client.xrevrange(stream, count=1)[0][0]
     finally:
         io.redis.close()
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 import socketio
 
-from siocluster import ClusterState, Keys
+from siocluster.state import ClusterState, Keys
 from tests.helpers import EventClient, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

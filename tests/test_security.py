@@ -18,7 +18,7 @@ import requests
 import websocket
 
 from siocluster import App, Config
-from siocluster.ionode import NOT_TEXT
+from siocluster.outbox import NOT_TEXT
 from tests.conftest import Cluster, RedisServer
 from tests.helpers import EventClient, free_port, wait_until
 

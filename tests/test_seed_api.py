@@ -6,10 +6,9 @@ import pytest
 import socketio
 from flask import Flask
 
-from siocluster import (
-    App,
+from siocluster import App, AppNode
+from siocluster.seed import (
     AppMessage,
-    AppNode,
     IoListener,
     IoMessage,
     Listener,

@@ -1,0 +1,344 @@
+"""The application: handlers written like python-socketio's, run by app-nodes.
+
+    app = siocluster.App()
+
+    @app.on("say")
+    def say(sid, data):
+        app.emit("said", data, to=app.get_session(sid)["room"])
+        return {"ok": True}                      # the client's ack
+
+An `App` holds the handlers; an `AppNode` (``python -m siocluster.appnode module:app``)
+takes client messages from the inbox and calls them. Inside a handler, `current()` tells
+which message is being handled; what the handler emits is sent in order when it returns.
+"""
+
+import contextlib
+import functools
+import importlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import gevent
+from socketio import Namespace
+from socketio import exceptions as sio_exceptions
+
+from .commands import CallTimeout, HandlerContext, current
+from .engine import bind_namespace
+from .envelope import (
+    Envelope,
+    ack_command,
+    args_to_data,
+    close_room_command,
+    data_to_args,
+    disconnect_command,
+    emit_command,
+    verdict_command,
+)
+
+__all__ = ["App", "CallTimeout", "current", "load_app"]
+
+RESERVED_EVENTS = ("connect", "disconnect", "no-client")
+
+
+class App:
+    """A Socket.IO application for app-nodes, with python-socketio's handler API.
+
+    Handlers: ``@app.event``, ``@app.on(event, namespace=...)``, catch-alls ``'*'``, and the
+    events ``connect(sid, environ, auth)`` (return False or raise ``ConnectionRefusedError``
+    to refuse), ``disconnect(sid, reason)`` and ``no-client(sid, client_info)`` (the first
+    message this app-node sees of a client whose connect it did not handle).
+
+    Everything else (`emit`, `enter_room`, `get_session`, ...) works once an `AppNode`
+    runs the app, or has been made for it to send from another process.
+    """
+
+    def __init__(self):
+        self.handlers: Dict[str, Dict[str, Callable]] = {}
+        self.namespace_handlers: Dict[str, Namespace] = {}
+        # the app-node this App sends through outside handlers; inside one, the app-node
+        # running it (one App may run in several app-nodes)
+        self.node = None
+
+    # ---- handlers ---------------------------------------------------------------------------
+
+    def on(self, event: str, handler: Optional[Callable] = None, namespace: Optional[str] = None):
+        """Register a handler, as a decorator or called with the handler."""
+        namespace = namespace or "/"
+
+        def register(func):
+            self.handlers.setdefault(namespace, {})[event] = func
+            return func
+        return register(handler) if handler else register
+
+    def event(self, *args, **kwargs):
+        """Decorator: the function's name is the event name (``@app.event`` or
+        ``@app.event(namespace='/chat')``)."""
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return self.on(args[0].__name__)(args[0])
+
+        def register(func):
+            return self.on(func.__name__, *args, **kwargs)(func)
+        return register
+
+    def handler_for(self, event: str, namespace: str, args: tuple) -> Tuple[Optional[Callable],
+                                                                             tuple]:
+        """python-socketio's resolution order: namespace and event, namespace catch-all,
+        any-namespace and event, any-namespace catch-all."""
+        handlers = self.handlers.get(namespace)
+        if handlers:
+            if event in handlers:
+                return handlers[event], args
+            if event not in RESERVED_EVENTS and "*" in handlers:
+                return handlers["*"], (event, *args)
+        handlers = self.handlers.get("*")
+        if handlers:
+            if event in handlers:
+                return handlers[event], (namespace, *args)
+            if event not in RESERVED_EVENTS and "*" in handlers:
+                return handlers["*"], (event, namespace, *args)
+        # then a class-based namespace, as python-socketio does; `no-client` is `on_no_client`
+        handler = self.namespace_handlers.get(namespace)
+        if handler is None and "*" in self.namespace_handlers:
+            handler, args = self.namespace_handlers["*"], (namespace, *args)
+        if handler is not None:
+            return functools.partial(handler.trigger_event, event.replace("-", "_")), args
+        return None, args
+
+    def register_namespace(self, namespace_handler: Namespace) -> None:
+        """Register a class-based namespace: an instance of a ``socketio.Namespace`` subclass
+        whose ``on_<event>`` methods handle its namespace's events (as in python-socketio)."""
+        if not isinstance(namespace_handler, Namespace):
+            raise ValueError("register_namespace() takes an instance of a socketio.Namespace "
+                             "subclass")
+        bind_namespace(namespace_handler, self)
+        self.namespace_handlers[namespace_handler.namespace] = namespace_handler
+
+    def start_background_task(self, target: Callable, *args, **kwargs):
+        """Run ``target(*args, **kwargs)`` in a greenlet; returns it (python-socketio's API)."""
+        return gevent.spawn(target, *args, **kwargs)
+
+    def sleep(self, seconds: float = 0) -> None:
+        """Sleep cooperatively; in a handler, what it emitted so far is sent first (a long
+        handler's progress reaches clients as python-socketio's would)."""
+        self.flush()
+        gevent.sleep(seconds)
+
+    def flush(self) -> None:
+        """Send the commands the running handler made so far now, not when it returns
+        (emits are otherwise sent together, in order, as the handler returns). In a
+        connect handler it waits: the client is let in only when the handler returns."""
+        context = current()
+        if context is None:
+            return
+        if context.envelope.kind != "connect":
+            context.node.flush()
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _node(self):
+        context = current()
+        if context is not None:
+            return context.node
+        if self.node is None:
+            raise RuntimeError("this App is not attached to an app-node: run it with "
+                               "`python -m siocluster.appnode module:app`, or make "
+                               "`AppNode(app, config)` first")
+        return self.node
+
+    def emit(self, event: str, data: Any = None, to=None, room=None, skip_sid=None,
+             namespace: Optional[str] = None, callback: Optional[Callable] = None,
+             ignore_queue: bool = False) -> None:
+        """Emit to one client (its sid), a room (channel), a list of rooms, or everyone in
+        the namespace when ``to`` is None; ``skip_sid`` is a sid or a list of sids.
+        (``ignore_queue`` is accepted for python-socketio's sake: every emit goes through
+        Redis here.)"""
+        to = to if to is not None else room
+        if callback is not None:
+            if not isinstance(to, str):
+                raise ValueError("a callback needs one client: pass its sid as `to`")
+            node = self._node()
+            node.flush()
+            node.spawn(node.commands.call_back, callback, event, data_to_args(data), to,
+                       namespace or "/")
+            return
+        commands = self._node().commands
+        commands.send(emit_command(event, data_to_args(data), namespace or "/", to, skip_sid),
+                      commands.node_of(to) if isinstance(to, str) else None)
+
+    def send(self, data: Any, to=None, room=None, skip_sid=None,
+             namespace: Optional[str] = None, callback: Optional[Callable] = None,
+             ignore_queue: bool = False) -> None:
+        """Emit a ``message`` event."""
+        self.emit("message", data, to=to, room=room, skip_sid=skip_sid, namespace=namespace,
+                  callback=callback)
+
+    def call(self, event: str, data: Any = None, to=None, sid=None,
+             namespace: Optional[str] = None, timeout: Optional[float] = None,
+             ignore_queue: bool = False) -> Any:
+        """Emit to one client and wait for its answer (raises `CallTimeout`)."""
+        sid = to if to is not None else sid
+        if not isinstance(sid, str):
+            raise ValueError("call() needs the sid of one client as `to`")
+        node = self._node()
+        node.flush()
+        answer = node.commands.call(event, data_to_args(data), sid, namespace or "/", timeout)
+        return args_to_data(answer) if answer else None
+
+    def enter_room(self, sid: str, room: str, namespace: Optional[str] = None) -> None:
+        self._node().commands.room("enter_room", sid, room, namespace or "/")
+
+    def leave_room(self, sid: str, room: str, namespace: Optional[str] = None) -> None:
+        self._node().commands.room("leave_room", sid, room, namespace or "/")
+
+    def close_room(self, room: str, namespace: Optional[str] = None) -> None:
+        node = self._node()
+        node.state.close_room(namespace or "/", room)
+        node.commands.send(close_room_command(room, namespace or "/"))
+
+    def rooms(self, sid: str, namespace: Optional[str] = None) -> List[str]:
+        """The rooms of a client, its own sid room included (as python-socketio)."""
+        return [sid, *self._node().state.rooms(sid)]
+
+    def disconnect(self, sid: str, namespace: Optional[str] = None,
+                   ignore_queue: bool = False) -> None:
+        commands = self._node().commands
+        commands.send(disconnect_command(sid, namespace or "/"), commands.node_of(sid, lookup=True))
+
+    def send_command(self, command: dict, node: Optional[str] = None) -> None:
+        """Send a command built by one of `siocluster.envelope`'s constructors (for
+        io-node code, say): in order with the handler's, or at once outside handlers."""
+        self._node().commands.send(command, node)
+
+    # ---- sessions and cluster state ---------------------------------------------------------
+
+    @property
+    def redis(self):
+        """The app-node's redis-py client, for the application's own state."""
+        return self._node().redis
+
+    def key(self, *parts: str) -> str:
+        """A Redis key for the application's own data, under the cluster's prefix."""
+        return self._node().keys.app(*parts)
+
+    def get_session(self, sid: str, namespace: Optional[str] = None) -> dict:
+        return self._node().state.get_session(sid)
+
+    def save_session(self, sid: str, session: dict, namespace: Optional[str] = None) -> None:
+        self._node().state.save_session(sid, session)
+
+    @contextlib.contextmanager
+    def session(self, sid: str, namespace: Optional[str] = None):
+        """``with app.session(sid) as session:`` reads, then saves what you changed."""
+        session = self.get_session(sid)
+        yield session
+        self.save_session(sid, session)
+
+    def clients(self, namespace: Optional[str] = None) -> List[dict]:
+        """The connected clients across the cluster: sid, namespace, node, info."""
+        return self._node().state.clients(namespace)
+
+    def client(self, sid: str) -> Optional[dict]:
+        return self._node().state.client(sid)
+
+    def client_info(self, sid: Optional[str] = None) -> Optional[dict]:
+        """The client info that came with the message being handled (what the io-node's
+        `get_client_info` returned for it, with whatever io-node code added since the
+        connect), for the handler's client or ``sid``; for another client, or outside a
+        handler, the info stored at its connect."""
+        context = current()
+        if context is not None and sid in (None, context.envelope.sid):
+            return context.envelope.client
+        record = self._node().state.client(sid) if sid is not None else None
+        return record["info"] if record else None
+
+    def delivery(self) -> Tuple[str, int]:
+        """``(message id, attempt)`` of the message being handled. Delivery is at least
+        once: the id stays the same when a message is handled again (its handler raised, or
+        its app-node died), and ``attempt`` counts the deliveries before (0 the first time),
+        so a handler can be idempotent."""
+        context = current()
+        if context is None:
+            raise RuntimeError("delivery() tells about the message being handled: call it "
+                               "inside a handler")
+        return context.envelope.id, context.envelope.attempt
+
+    def count(self, namespace: Optional[str] = None) -> int:
+        return self._node().state.count(namespace)
+
+    def room_members(self, room: str, namespace: Optional[str] = None) -> List[str]:
+        """The sids in a room across every io-node."""
+        return self._node().state.room_members(namespace or "/", room)
+
+    def room_clients(self, room: str, namespace: Optional[str] = None) -> List[dict]:
+        return self._node().state.room_clients(namespace or "/", room)
+
+
+    # ---- dispatch (called by app-nodes) ----------------------------------------------------------
+
+    def dispatch(self, context: HandlerContext) -> None:
+        """Call the handler for the message of ``context`` (the app-node calls it), with
+        python-socketio's conventions; what it sends joins ``context.commands``."""
+        envelope, app, commands = context.envelope, self, context.node.commands
+        ns, sid = envelope.namespace, envelope.sid
+        if envelope.kind == "connect":
+            commands.remember(sid, envelope.node)
+            ok, error = self._connect(envelope)
+            context.refused = not ok
+            # the verdict goes first: the io-node lets the client in before the handler's emits
+            context.commands.insert(0, (envelope.node,
+                                        verdict_command(envelope.id, sid, ns, ok, error)))
+            return
+        if not commands.seen(sid):
+            commands.remember(sid, envelope.node)
+            handler, args = app.handler_for("no-client", ns, (sid, envelope.client))
+            if handler is not None:
+                handler(*args)
+        if envelope.kind == "disconnect":
+            handler, args = app.handler_for("disconnect", ns, (sid, envelope.reason))
+            if handler is not None:
+                try:
+                    handler(*args)
+                except TypeError:
+                    handler(*args[:-1])    # the older disconnect(sid) signature
+            return
+        handler, args = app.handler_for(envelope.event, ns, (sid, *envelope.args))
+        if handler is None:
+            context.node.logger.debug("app-node %s: no handler for %r in %s", context.node.id,
+                                      envelope.event, ns)
+            return
+        result = handler(*args)
+        if envelope.ack:
+            commands.send(ack_command(envelope.id, data_to_args(result)), envelope.node)
+
+    def _connect(self, envelope: Envelope):
+        handler, args = self.handler_for(
+            "connect", envelope.namespace, (envelope.sid, envelope.environ, envelope.auth))
+        if handler is None:
+            return True, None
+        try:
+            try:
+                result = handler(*args)
+            except TypeError:
+                if envelope.auth is not None:
+                    raise
+                result = handler(*args[:-1])   # connect(sid, environ)
+        except sio_exceptions.ConnectionRefusedError as exc:
+            return False, exc.error_args
+        except ConnectionRefusedError as exc:
+            return False, {"message": str(exc) or "Connection refused by server"}
+        if result is False:
+            return False, {"message": "Connection rejected by server"}
+        return True, None
+
+
+def load_app(path: str) -> App:
+    """Import ``package.module:attr`` (``attr`` defaults to ``app``)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"app-node: cannot import {module_name!r}: {exc}")
+    app = getattr(module, attr or "app", None)
+    if not isinstance(app, App):
+        raise SystemExit(f"app-node: {path!r} is not a siocluster.App "
+                         f"(found {type(app).__name__})")
+    return app

@@ -1,0 +1,62 @@
+"""A connection held by an io-node, and what an io-node takes from its handshake.
+
+`Client` is the seed's ``client``: the io-node keeps one per connected sid, with its info
+(computed at connect, sent with every message) and its rate-limit bucket. The handshake
+gives the environ the app's connect handler sees (`safe_environ`) and, by default, the
+origins a connection is accepted from (`same_host_origins`).
+"""
+
+import time
+from urllib.parse import urlsplit
+
+# The part of a WSGI environ that travels to app-nodes with a connect: JSON-safe strings only.
+ENVIRON_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "QUERY_STRING", "PATH_INFO", "SERVER_NAME",
+                "SERVER_PORT", "SERVER_PROTOCOL", "REQUEST_METHOD")
+
+
+def safe_environ(environ: dict) -> dict:
+    """What of a WSGI environ travels to app-nodes with a connect."""
+    return {k: v for k, v in environ.items()
+            if isinstance(v, str) and (k.startswith("HTTP_") or k in ENVIRON_KEYS)}
+
+
+def same_host_origins(origin: str, environ: dict) -> bool:
+    """The default CORS check: an ``Origin`` on the io-node's own host, any port (the
+    frontend-node on the same host, as `make run-cluster` and a reverse proxy set it up)."""
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    hosts = {environ.get("HTTP_HOST", ""), environ.get("HTTP_X_FORWARDED_HOST", "")}
+    hosts = {urlsplit("//" + h.split(",")[0].strip()).hostname for h in hosts if h}
+    return host is not None and host in hosts
+
+
+class Client:
+    """A connection held by this io-node (the seed's ``client``).
+
+    ``data`` is free for io-node code, e.g. a user id set on an ``app setUserId`` message;
+    ``info`` is what `IoNode.get_client_info` computed at connect.
+    """
+
+    __slots__ = ("sid", "namespace", "eio_sid", "info", "data", "tokens", "stamp")
+
+    def __init__(self, sid, namespace, eio_sid, info, burst):
+        self.sid, self.namespace, self.eio_sid = sid, namespace, eio_sid
+        self.info = info
+        self.data = {}
+        self.tokens = float(burst)     # rate limit: a token bucket
+        self.stamp = time.monotonic()
+
+    def take_token(self, rate: float, burst: int) -> bool:
+        """Whether the client may send one more event at ``rate`` per second, ``burst``
+        at once (a rate of 0 lets everything through)."""
+        if not rate:
+            return True
+        now = time.monotonic()
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

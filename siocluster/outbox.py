@@ -1,0 +1,103 @@
+"""An io-node's outbox: what its clients did, on its way to the inbox, bounded.
+
+The io-node's Socket.IO handlers `put` an envelope here and return at once; the io-node's
+push loop calls `push`, which sends what waits in batches (one round trip for many
+messages, in order) and resends a batch after a failure. While Redis is unreachable or
+slow the outbox fills up to ``outbox_size``, then refuses connects and events with a
+reason the client is told; a disconnect is never refused for space (there is one per
+client, so the outbox stays bounded all the same)::
+
+    outbox = Outbox(inbox, state, size=10_000, max_message_size=1_000_000, inbox_maxlen=...)
+    refusal = outbox.put(envelope)          # None, or why it was refused
+    refused = outbox.push(timeout=1.0)      # what the inbox refused for space
+"""
+
+from typing import List, Optional
+
+import gevent.queue
+
+from . import defaults
+from .envelope import Envelope
+from .inbox import Inbox
+from .state import ClusterState
+
+# What a refused client message is told: errors say what to do.
+OUTBOX_FULL = "server busy: the cluster cannot take messages right now, try again shortly"
+INBOX_FULL = "server busy: too many messages are waiting, try again shortly"
+NOT_TEXT = "message refused: it is not valid UTF-8 text"
+
+
+class Outgoing:
+    """An envelope queued for the inbox, with what is needed to refuse it later."""
+
+    __slots__ = ("raw", "record", "kind", "id", "sid", "namespace", "event", "ack_id")
+
+    def __init__(self, raw: str, record: Optional[dict], envelope: Envelope, ack_id=None):
+        self.raw, self.record, self.ack_id = raw, record, ack_id
+        self.kind, self.id, self.sid = envelope.kind, envelope.id, envelope.sid
+        self.namespace, self.event = envelope.namespace, envelope.event
+
+
+class Outbox:
+    """Envelopes waiting for the inbox, in order.
+
+    :param inbox: the cluster's `Inbox`.
+    :param state: the cluster's `ClusterState` (a connect's client record goes with it).
+    :param size: connects and events that may wait (``outbox_size``).
+    :param max_message_size: bytes of one encoded envelope, disconnects excepted.
+    :param inbox_maxlen: messages the inbox may hold before it refuses more.
+    """
+
+    def __init__(self, inbox: Inbox, state: ClusterState, size: int, max_message_size: int,
+                 inbox_maxlen: int):
+        self.inbox, self.state = inbox, state
+        self.size, self.max_message_size, self.inbox_maxlen = size, max_message_size, inbox_maxlen
+        self._queue = gevent.queue.Queue()
+        self._unsent: List[Outgoing] = []      # the batch being pushed, resent after a failure
+
+    def __len__(self) -> int:
+        return self._queue.qsize() + len(self._unsent)
+
+    def put(self, envelope: Envelope, ack_id=None) -> Optional[str]:
+        """Queue an envelope, or say why not: too large, not text, or the outbox is full."""
+        raw = envelope.encode()
+        try:
+            size = len(raw.encode("utf-8"))
+        except UnicodeEncodeError:
+            # a lone surrogate: Redis could never take it, and the push would retry forever
+            return NOT_TEXT
+        if envelope.kind != "disconnect":
+            if size > self.max_message_size:
+                return (f"message too large: {size} bytes, the limit is "
+                        f"{self.max_message_size} bytes")
+            if len(self) >= self.size:
+                return OUTBOX_FULL
+        record = None
+        if envelope.kind == "connect":
+            # what `ClusterState.client` returns for it, written with the push
+            record = {"sid": envelope.sid, "namespace": envelope.namespace,
+                      "node": envelope.node, "info": envelope.client,
+                      "connected_at": envelope.ts}
+        self._queue.put_nowait(Outgoing(raw, record, envelope, ack_id))
+        return None
+
+    def push(self, timeout: float) -> List[Outgoing]:
+        """Send what waits (after up to ``timeout`` seconds for something), many per round
+        trip, in order; returns what the inbox refused for space. Raises when Redis is
+        unreachable: the batch stays, and the next call sends it again."""
+        if not self._unsent:
+            try:
+                self._unsent.append(self._queue.get(timeout=timeout))
+            except gevent.queue.Empty:
+                return []
+            while len(self._unsent) < defaults.COMMAND_BATCH:
+                try:
+                    self._unsent.append(self._queue.get_nowait())
+                except gevent.queue.Empty:
+                    break
+        batch = self._unsent
+        refused = self.inbox.push([(item.kind, item.raw) for item in batch], self.inbox_maxlen,
+                                  records=[i.record for i in batch if i.record is not None],
+                                  state=self.state)
+        self._unsent = []
+        return [batch[index] for index in refused]

@@ -1,0 +1,186 @@
+"""The command streams: app-nodes write commands, every io-node reads them in order.
+
+Two Redis streams reach an io-node: ``<prefix>:commands``, read by every io-node, and
+``<prefix>:commands:<io-node id>``, for the clients of that io-node alone. One stream
+entry holds one batch of commands (`encode_batch`). Writers keep a handler's commands in
+order by putting them all on one stream; a reader merges the two streams by entry id, so
+each io-node applies commands in the order they were written. A reader remembers the last
+id it applied and resumes from it after an outage; the streams are trimmed
+(``MAXLEN ~ stream_maxlen``), and a reader that finds entries it never read trimmed away
+says how many::
+
+    streams = CommandStreams(redis, keys, maxlen=100_000)
+    streams.send([(None, command)])                    # an app-node: to every io-node
+    reader = streams.reader(node_id, logger)           # an io-node
+    for command in reader.read(count=256, block=1.0):     # in the order written
+        ...
+"""
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from redis.exceptions import ResponseError
+
+from .envelope import MessageError, decode_batch, encode_batch
+from .state import Keys
+
+# A command with the io-node it is for (None: every io-node)
+Routed = Tuple[Optional[str], dict]
+
+
+def _entry_id(entry_id: str) -> Tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class CommandStreams:
+    """Writes command batches to the streams.
+
+    :param redis: a redis-py client with ``decode_responses=True``.
+    :param keys: the cluster's `Keys`.
+    :param maxlen: entries kept in a stream (approximately) for readers that fall behind.
+    """
+
+    def __init__(self, redis, keys: Keys, maxlen: int):
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+
+    def write(self, pipe, batches: Sequence[Sequence[Routed]]) -> None:
+        """Add to ``pipe`` the commands of handlers (one batch each, in the order they
+        ran), one XADD per stream. A handler's commands meant for one io-node's clients go
+        to that node's stream; if any is addressed more widely, all of them go to the
+        stream every io-node reads: so each io-node gets a handler's commands in order, and
+        handlers' in the order they ran."""
+        groups: Dict[str, List[dict]] = {}
+        for batch in batches:
+            if not batch:
+                continue
+            if any(node is None for node, _ in batch):
+                groups.setdefault(self.keys.commands, []).extend(c for _, c in batch)
+            else:
+                for node, command in batch:
+                    groups.setdefault(self.keys.node_commands(node), []).append(command)
+        for stream, commands in groups.items():
+            pipe.xadd(stream, {"b": encode_batch(commands)}, maxlen=self.maxlen,
+                      approximate=True)
+
+    def send(self, batch: Sequence[Routed]) -> None:
+        """Write one batch now, in a round trip of its own."""
+        pipe = self.redis.pipeline(transaction=False)
+        self.write(pipe, [batch])
+        pipe.execute()
+
+    def reader(self, node: str, logger: Optional[logging.Logger] = None) -> "StreamReader":
+        """A reader of the streams io-node ``node`` follows, from their current ends."""
+        return StreamReader(self.redis, [self.keys.commands, self.keys.node_commands(node)],
+                            self.maxlen, node, logger or logging.getLogger("siocluster.io-node"))
+
+    def delete(self, node: str) -> None:
+        """Drop the stream of an io-node that stopped."""
+        self.redis.delete(self.keys.node_commands(node))
+
+
+class StreamReader:
+    """Reads streams in order, from where it left off; see the module.
+
+    ``last_ids`` maps each stream to the last entry applied. Set ``check_due`` when entries
+    may have been trimmed unread (after an outage): the next `read` looks first.
+    """
+
+    def __init__(self, redis, streams: List[str], maxlen: int, node: str,
+                 logger: logging.Logger):
+        self.redis = redis
+        self.node = node
+        self.maxlen = maxlen
+        self.logger = logger
+        self.last_ids: Dict[str, str] = {}
+        # entries ever added to each stream up to its last id (None on Redis < 7), to tell
+        # when entries not read yet were trimmed away
+        self.seq: Dict[str, Optional[int]] = {}
+        self.check_due = False
+        self.streams = streams
+
+    def start(self) -> None:
+        """Follow the streams from their current ends: what was written before is not ours."""
+        for stream in self.streams:
+            self.last_ids[stream], self.seq[stream] = self.tip(stream)
+
+    def tip(self, stream: str) -> Tuple[str, Optional[int]]:
+        """The last id of a stream, and how many entries were ever added to it (Redis 7)."""
+        try:
+            info = self.redis.xinfo_stream(stream)
+        except ResponseError:
+            return "0-0", 0          # no such stream yet
+        added = info.get("entries-added")
+        return info["last-generated-id"], int(added) if added is not None else None
+
+    def read(self, count: int, block: float) -> List[dict]:
+        """The commands written since the last read, in order (from at most ``count``
+        entries a stream); waits up to ``block`` seconds for some."""
+        if self.check_due:
+            self.check_trimmed()
+            self.check_due = False
+        try:
+            reply = self.redis.xread(dict(self.last_ids), count=count, block=int(block * 1000))
+        except Exception:
+            # Redis away, most likely: whatever was trimmed meanwhile is told before anything
+            # newer is applied
+            self.check_due = True
+            raise
+        commands: List[dict] = []
+        if not reply:
+            return commands
+        entries, cap = [], None
+        for stream, items in reply:
+            entries.extend((_entry_id(entry_id), stream, entry_id, fields)
+                           for entry_id, fields in items)
+            if len(items) >= count:
+                # this stream may have more: apply nothing newer than its last entry yet,
+                # so commands of the two streams stay in the order they were written
+                last = _entry_id(items[-1][0])
+                cap = last if cap is None else min(cap, last)
+                # far behind: make sure nothing is trimmed before we get there
+                self.check_due = True
+        entries.sort(key=lambda e: e[0])
+        for key, stream, entry_id, fields in entries:
+            if cap is not None and key > cap:
+                break
+            self.last_ids[stream] = entry_id
+            if self.seq.get(stream) is not None:
+                self.seq[stream] += 1
+            try:
+                commands.extend(decode_batch(fields.get("b")))
+            except MessageError as exc:
+                self.logger.error("io-node %s: skipped malformed command entry %s in %s: %s",
+                                  self.node, entry_id, stream, exc)
+        return commands
+
+    def check_trimmed(self) -> None:
+        """Warn, with how many, when command batches not read yet were trimmed away
+        (``stream_maxlen``) during an outage or while this reader lagged behind."""
+        for stream, last in list(self.last_ids.items()):
+            seq = self.seq.get(stream)
+            try:
+                info = self.redis.xinfo_stream(stream)
+            except ResponseError:
+                continue             # no such stream (yet)
+            added = info.get("entries-added")
+            if seq is None or added is None:
+                continue             # Redis < 7 does not count what it trimmed
+            trimmed = int(added) - int(info["length"])
+            if int(added) < seq:
+                # the stream was deleted and made anew: count from here
+                self.seq[stream] = trimmed
+            elif trimmed > seq:
+                first = info.get("first-entry")
+                first_id = first[0] if first else info["last-generated-id"]
+                span = (_entry_id(first_id)[0] - _entry_id(last)[0]) / 1000
+                self.logger.warning(
+                    "io-node %s: %d command batch(es) of %s, written in the %.1fs after %s, "
+                    "were trimmed before this io-node read them (the stream keeps about %d); "
+                    "its clients missed those commands. Raise STREAM_MAXLEN to ride out "
+                    "longer outages.", self.node, trimmed - seq, stream, max(0.0, span), last,
+                    self.maxlen)
+                self.seq[stream] = trimmed
+
