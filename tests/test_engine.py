@@ -281,3 +281,55 @@ def test_a_plain_socketio_server_still_works(cluster):
     assert client.call("join", "room") == [True]
     assert client.call("flood", {"room": "room", "first": 0, "count": 2, "size": 10}) == [True]
     assert len(client.expect("big", 2)) == 2
+
+
+# ---- the private names of dependencies engine.py relies on ---------------------------------
+
+def test_dependencies_are_the_versions_engine_py_was_written_against():
+    from importlib.metadata import version
+
+    from siocluster.engine import TESTED_WITH
+
+    for package, tested in TESTED_WITH.items():
+        installed = version(package)
+        assert installed.split(".")[:2] == tested.split("."), (
+            f"{package} {installed} is installed; siocluster/engine.py reaches into its "
+            f"private names as of {tested}.x: check them, then TESTED_WITH and setup.cfg")
+
+
+def test_every_private_name_engine_py_relies_on_is_there():
+    import inspect
+
+    import engineio
+    import socketio
+    from engineio.socket import Socket
+    from gevent import socket as gsocket
+    from geventwebsocket.handler import WebSocketHandler
+    from geventwebsocket.websocket import Header, WebSocket
+
+    relied_on = {
+        Socket: ["_websocket_handler", "send", "close", "schedule_ping", "receive",
+                 "handle_get_request", "poll"],
+        engineio.Server: ["_handle_connect", "_trigger_event", "_upgrades", "_unauthorized",
+                          "_ok", "_bad_request", "_generate_sid_cookie", "_service_task",
+                          "_cors_allowed_origins", "generate_id", "start_background_task"],
+        socketio.Server: ["_engineio_server_class", "_handle_event_internal", "_send_packet"],
+        socketio.Namespace: ["_set_server", "trigger_event"],
+        Header: ["unmask_payload"],
+        WebSocket: ["raw_write", "close"],
+    }
+    missing = [f"{owner.__module__}.{owner.__name__}.{name}"
+               for owner, names in relied_on.items() for name in names
+               if not hasattr(owner, name)]
+    assert missing == []
+    # the overridden and called ones keep the signatures engine.py was written for
+    assert list(inspect.signature(engineio.Server._handle_connect).parameters) == [
+        "self", "environ", "start_response", "transport", "jsonp_index"]
+    assert list(inspect.signature(socketio.Server._handle_event_internal).parameters) == [
+        "self", "server", "sid", "eio_sid", "data", "namespace", "id"]
+    assert list(inspect.signature(Socket.close).parameters) == [
+        "self", "wait", "abort", "reason"]
+    # gevent's socket keeps the real one under it; gevent-websocket calls the server's hook
+    with gsocket.socket() as sock:
+        assert hasattr(sock._sock, "send")
+    assert "pre_start_hook" in inspect.getsource(WebSocketHandler.run_application)
