@@ -24,7 +24,7 @@ from socketio import exceptions as sio_exceptions
 from .commands import CallTimeout, HandlerContext, current
 from .engine import bind_namespace
 from .envelope import (
-    Envelope,
+    RESERVED_EVENTS,
     ack_command,
     args_to_data,
     close_room_command,
@@ -33,10 +33,13 @@ from .envelope import (
     emit_command,
     verdict_command,
 )
+from .node import REDIS_DOWN
 
 __all__ = ["App", "CallTimeout", "current", "load_app"]
 
-RESERVED_EVENTS = ("connect", "disconnect", "no-client")
+# what a refused client is told (python-socketio's words where it has them)
+UNHANDLED_NAMESPACE = "Unable to connect"
+HANDLER_FAILED = "Connection refused: the server could not handle it"
 
 
 class App:
@@ -281,8 +284,10 @@ class App:
         ns, sid = envelope.namespace, envelope.sid
         if envelope.kind == "connect":
             commands.remember(sid, envelope.node)
-            ok, error = self._connect(envelope)
+            ok, error = self._connect(context)
             context.refused = not ok
+            if not ok:
+                del context.commands[:]    # a refused client gets nothing but its refusal
             # the verdict goes first: the io-node lets the client in before the handler's emits
             context.commands.insert(0, (envelope.node,
                                         verdict_command(envelope.id, sid, ns, ok, error)))
@@ -309,7 +314,20 @@ class App:
         if envelope.ack:
             commands.send(ack_command(envelope.id, data_to_args(result)), envelope.node)
 
-    def _connect(self, envelope: Envelope):
+    def handles(self, namespace: str) -> bool:
+        """Whether clients may connect to ``namespace``: ``/``, as in python-socketio, or
+        one with handlers (its own, a catch-all ``*``, or a class-based namespace)."""
+        return namespace == "/" or any(
+            namespace in registry or "*" in registry
+            for registry in (self.handlers, self.namespace_handlers))
+
+    def _connect(self, context: HandlerContext):
+        """The verdict on a connect: ``(True, None)`` or ``(False, error)``. Only an
+        explicit yes lets a client in: a handler that raises refuses it (the exception goes
+        to the log, the client gets a generic message), as python-socketio does."""
+        envelope = context.envelope
+        if not self.handles(envelope.namespace):
+            return False, {"message": UNHANDLED_NAMESPACE}
         handler, args = self.handler_for(
             "connect", envelope.namespace, (envelope.sid, envelope.environ, envelope.auth))
         if handler is None:
@@ -325,6 +343,13 @@ class App:
             return False, exc.error_args
         except ConnectionRefusedError as exc:
             return False, {"message": str(exc) or "Connection refused by server"}
+        except REDIS_DOWN:
+            raise                              # not the client's doing: handled again later
+        except Exception:
+            context.node.logger.exception(
+                "app-node %s: the connect handler of %s raised; the client is refused",
+                context.node.id, envelope.namespace)
+            return False, {"message": HANDLER_FAILED}
         if result is False:
             return False, {"message": "Connection rejected by server"}
         return True, None

@@ -195,8 +195,12 @@ class AppNode(Node):
         return raws
 
     def _give_back(self, raws: List[str]) -> None:
-        self.inbox.give_back(self.processing, raws, self.id)
-        self._release(raws)
+        try:
+            self.inbox.give_back(self.processing, raws, self.id)
+        finally:
+            # given back or not (Redis away), no worker holds them now: if they are still in
+            # the processing list when Redis returns, `_recover` gives them back
+            self._release(raws)
 
     def _give_back_ready(self) -> None:
         """Messages taken and not started by any worker go back to the inbox."""

@@ -18,7 +18,7 @@ CALL_TIMEOUT = 10.0          # app.call(): seconds to wait for the client's answ
 
 # io-node
 CONNECT_TIMEOUT = 5.0        # seconds an io-node waits for the app tier's connect verdict
-CONNECT_TIMEOUT_ACCEPT = True  # the answer when no verdict came in time
+CONNECT_TIMEOUT_ACCEPT = False  # the answer when no verdict came in time (true: fail open)
 ACK_TIMEOUT = 60.0           # seconds an io-node keeps a client's pending ack
 OUTBOX_SIZE = 10_000         # client messages an io-node buffers while Redis is unreachable
 MAX_MESSAGE_SIZE = 1_000_000  # bytes of one client message

@@ -18,6 +18,8 @@ from socketio.packet import Packet
 
 VERSION = 1
 KINDS = ("connect", "event", "disconnect")
+# the app's lifecycle handlers: a client never reaches them by naming an event after them
+RESERVED_EVENTS = ("connect", "disconnect", "no-client", "connect_error")
 
 
 class MessageError(ValueError):

@@ -26,9 +26,10 @@ import socketio
 from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 
 from . import defaults, engine
+from .applier import CommandApplier
 from .engine import IoSocketServer
 from .entry import listen_error
-from .envelope import Envelope, args_to_data, dumps, pack_args, unpack_args
+from .envelope import RESERVED_EVENTS, Envelope
 from .inbox import Inbox
 from .ioclient import Client, safe_environ, same_host_origins
 from .node import REDIS_DOWN, Node, require_gevent_patch
@@ -36,9 +37,22 @@ from .outbox import INBOX_FULL, Outbox
 from .streams import CommandStreams
 
 CLOSING = "this io-node is shutting down: connect to another"
+NO_VERDICT = "no answer from the app tier in time: try again shortly"
+GONE = "the connection closed while it was being accepted"
+REAPED = "io-node taken for dead"
+RESERVED = "event name reserved for the connection's lifecycle: use another name"
+MALFORMED = "malformed event: its name must be a string"
+SHOWN = 100   # characters of a client's input repeated back in errors and in the log
 
 
-class IoNode(Node):
+def shown(value) -> str:
+    """A client's input as it may be repeated back: at most `SHOWN` characters of it (of its
+    repr, when it is not a string)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
+class IoNode(CommandApplier, Node):
     """An io-node around a python-socketio server in gevent mode.
 
     :param config: a `Config` or a mapping of its keys.
@@ -77,8 +91,9 @@ class IoNode(Node):
         engine.hook_events(sio, self._on_event)     # events with their ack id
         self.wsgi_app = socketio.WSGIApp(sio)
         self.clients: Dict[str, Client] = {}
-        self.outbox = Outbox(Inbox(self.redis, self.keys, c.max_attempts), self.state,
-                             c.outbox_size, c.max_message_size, c.inbox_maxlen)
+        self.inbox = Inbox(self.redis, self.keys, c.max_attempts)
+        self.outbox = Outbox(self.inbox, self.state, c.outbox_size, c.max_message_size,
+                             c.inbox_maxlen)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.reader = self.streams.reader(self.id, self.logger)
         self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)
@@ -218,7 +233,7 @@ class IoNode(Node):
             try:
                 ok, error = verdict.get(timeout=self.config.connect_timeout)
             except gevent.Timeout:
-                ok, error = self.config.connect_timeout_accept, "no answer from the app"
+                ok, error = self.config.connect_timeout_accept, {"message": NO_VERDICT}
                 self.logger.warning("io-node %s: no connect verdict for %s in %.1fs, %s it",
                                     self.id, sid, self.config.connect_timeout,
                                     "accepting" if ok else "refusing")
@@ -228,6 +243,15 @@ class IoNode(Node):
                                               client.info, reason="connect timed out"))
         finally:
             self._pending_connects.pop(envelope.id, None)
+        if self.clients.get(sid) is not client:
+            # its transport closed while it waited: its disconnect went to the app tier
+            ok, error = False, {"message": GONE}
+        elif not self._transport_open(eio_sid):
+            # closed without a Socket.IO disconnect (python-socketio sends none for a
+            # client not connected yet): the app tier must hear that it left all the same
+            self.send_to_app(Envelope("disconnect", namespace, sid, self.id, client.info,
+                                      reason="transport closed while connecting"))
+            ok, error = False, {"message": GONE}
         if not ok:
             self.clients.pop(sid, None)
             if isinstance(error, dict):
@@ -237,11 +261,19 @@ class IoNode(Node):
         self.fire("socket connection", client)
         return True
 
+    def _transport_open(self, eio_sid: str) -> bool:
+        sock = self.sio.eio.sockets.get(eio_sid)
+        return sock is not None and not (sock.closed or sock.closing)
+
     def _on_event(self, server, sid, eio_sid, data, namespace, ack_id):
         client = self.clients.get(sid)
         if client is None:
             return
-        event, args = data[0], data[1:]
+        event, args = (data[0], data[1:]) if data else (None, [])
+        if not isinstance(event, str) or event in RESERVED_EVENTS:
+            self._refuse(client, event, ack_id, RESERVED if event in RESERVED_EVENTS
+                         else MALFORMED)
+            return
         if not client.take_token(self.config.rate_limit, self.config.rate_burst):
             self._refuse(client, event, ack_id, "rate limit exceeded, slow down")
             return
@@ -270,8 +302,10 @@ class IoNode(Node):
                               self.id, sid, refusal)
         self.fire("socket disconnect", client)
 
-    def _refuse(self, client: Client, event: str, ack_id, reason: str) -> None:
-        """Tell a client its message was not taken: by its ack, and by an ``error`` event."""
+    def _refuse(self, client: Client, event, ack_id, reason: str) -> None:
+        """Tell a client its message was not taken: by its ack, and by an ``error`` event
+        that names the event (cut short: it is the client's input)."""
+        event = shown(event)
         self.logger.warning("io-node %s: refused %r from %s: %s", self.id, event, client.sid,
                             reason)
         if ack_id is not None:
@@ -314,9 +348,17 @@ class IoNode(Node):
 
     def reaped(self) -> None:
         """The cluster took this io-node for dead and told the app tier its clients left:
-        close their connections so they reconnect and connect anew."""
+        close their connections so they reconnect and connect anew. Clients the reaper did
+        not know of (they connected while this node was cut off) get their disconnect from
+        here; each client's disconnect is pushed once, whoever pushes it."""
         super().reaped()
         clients, self.clients = self.clients, {}
+        pipe = self.redis.pipeline(transaction=False)
+        for client in clients.values():
+            envelope = Envelope("disconnect", client.namespace, client.sid, self.id,
+                                self.get_client_info(client), reason=REAPED)
+            self.inbox.push_disconnect(self.id, client.sid, envelope.encode(), pipe)
+        pipe.execute()
         for eio_sid in {client.eio_sid for client in clients.values()}:
             try:
                 self.sio.eio.disconnect(eio_sid)
@@ -331,72 +373,6 @@ class IoNode(Node):
                 self.apply(command)
             except Exception:
                 self.logger.exception("io-node %s: command %r failed", self.id, command)
-
-    def apply(self, command: dict) -> None:
-        """Apply one command to the clients held here; others' clients are not touched."""
-        getattr(self, f"_apply_{command['m']}")(command, command.get("ns", "/"))
-
-    def _apply_emit(self, command: dict, ns: str) -> None:
-        args = unpack_args(command)
-        self.sio.emit(command["event"], args_to_data(args) if args else None,
-                      to=command.get("to"), skip_sid=command.get("skip"), namespace=ns)
-        self.fire("app publish", command)
-
-    def _apply_enter_room(self, command: dict, ns: str) -> None:
-        if self.holds(command["sid"], ns):
-            self.sio.enter_room(command["sid"], command["room"], namespace=ns)
-            self.fire("app subscribe-to-channel", command)
-
-    def _apply_leave_room(self, command: dict, ns: str) -> None:
-        if self.holds(command["sid"], ns):
-            self.sio.leave_room(command["sid"], command["room"], namespace=ns)
-            self.fire("app unsubscribe-from-channel", command)
-
-    def _apply_close_room(self, command: dict, ns: str) -> None:
-        self.sio.close_room(command["room"], namespace=ns)
-
-    def _apply_disconnect(self, command: dict, ns: str) -> None:
-        if self.holds(command["sid"], ns):
-            self.sio.disconnect(command["sid"], namespace=ns)
-
-    def _apply_ack(self, command: dict, ns: str) -> None:
-        pending = self._pending_acks.pop(command["id"], None)
-        if pending is not None:
-            eio_sid, namespace, ack_id, _ = pending
-            engine.send_ack(self.sio, eio_sid, namespace, ack_id, unpack_args(command))
-
-    def _apply_call(self, command: dict, ns: str) -> None:
-        if self.holds(command["sid"], ns):
-            args = unpack_args(command)
-            reply_key = command["reply"]
-            self.sio.emit(command["event"], args_to_data(args) if args else None,
-                          to=command["sid"], namespace=ns,
-                          callback=lambda *answer: self._reply(reply_key, answer))
-
-    def _apply_app(self, command: dict, ns: str) -> None:
-        self.fire(f"app {command['type']}", command)
-
-    def holds(self, sid: str, namespace: str) -> bool:
-        """Whether this io-node holds the client (connected, or connecting right now)."""
-        manager = self.sio.manager
-        return manager.is_connected(sid, namespace) or manager.is_pre_connected(sid, namespace)
-
-    def _apply_verdict(self, command: dict, ns: str) -> None:
-        pending = self._pending_connects.get(command["id"])
-        ok, error = bool(command["ok"]), command.get("error")
-        if pending is not None:
-            pending.set((ok, error))
-            return
-        sid = command.get("sid")
-        if not ok and sid and self.sio.manager.is_connected(sid, ns):
-            # the verdict came after the timeout let the client in: honour it now
-            self.sio.disconnect(sid, namespace=ns)
-
-    def _reply(self, key: str, answer) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(key, dumps(pack_args(answer)))
-        pipe.expire(key, 60)
-        pipe.execute()
 
     def _sweep_step(self):
         """Forget acks nobody answered in time, so memory stays bounded."""

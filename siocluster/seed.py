@@ -2,10 +2,10 @@
 
 The shortcuts, as in the seed's README::
 
-    node = siocluster.make_io_listener(None, config)      # an io-node, running
+    node = siocluster.seed.make_io_listener(None, config)  # an io-node, running
     node.serve()                                          # listen on HTTP_HOST:HTTP_PORT
 
-    io = siocluster.make_listener(config)                 # the app-node adapter: an App
+    io = siocluster.seed.make_listener(config)            # the app-node adapter: an App
     @io.on("connection")
     def connection(sid, environ):
         ...

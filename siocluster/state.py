@@ -45,8 +45,13 @@ class Keys:
     def namespace_clients(self, namespace: str) -> str:
         return f"{self.prefix}:ns-clients:{namespace}"
 
+    def rooms_of(self, namespace: str) -> str:
+        """The prefix of a namespace's room keys. The namespace's length comes first, so
+        no two (namespace, room) pairs share a key (``/a`` + ``b:c`` and ``/a:b`` + ``c``)."""
+        return f"{self.room_prefix}{len(namespace)}:{namespace}:"
+
     def room(self, namespace: str, room: str) -> str:
-        return f"{self.room_prefix}{namespace}:{room}"
+        return self.rooms_of(namespace) + room
 
     def client_rooms(self, sid: str) -> str:
         return f"{self.client_rooms_prefix}{sid}"
@@ -160,7 +165,7 @@ class ClusterState:
         k = self.keys
         self._forget(keys=[k.clients, k.client_rooms(sid), k.session(sid), k.node_clients(node),
                            k.namespace_clients(namespace)],
-                     args=[sid, k.room_prefix + namespace + ":"], client=pipe)
+                     args=[sid, k.rooms_of(namespace)], client=pipe)
 
     def client(self, sid: str) -> Optional[dict]:
         """The record of a connected client: sid, namespace, node, info, connected_at."""

@@ -189,7 +189,7 @@ def test_namespaces_and_catch_all(cluster):
 
 def test_app_node_started_after_clients_connected(cluster):
     app, log = chat_app()
-    io = cluster.io_node(connect_timeout=0.5)
+    io = cluster.io_node(connect_timeout=0.5, connect_timeout_accept=True)
     client = cluster.client(io)             # no app-node yet: the connect is let in on timeout
     client.sio.emit("echo", "early")        # waits in the inbox
     cluster.app_node(app)

@@ -166,7 +166,9 @@ def test_a_node_taken_for_dead_closes_its_connections_when_it_comes_back(cluster
     assert client.call("rec", 1) == ["ok"]
     gone = gevent.event.Event()
     client.sio.on("disconnect", lambda *reason: gone.set())
-    # what the reaper leaves when it took the node for dead (and sent the disconnects itself)
+    # what the reaper leaves when it took the node for dead (and sent the disconnects itself,
+    # taking each client out of the node's set as it did)
+    redis_client.delete(fenced.keys.node_clients(fenced.id))
     redis_client.set(fenced.keys.tombstone(fenced.id), "1")
     assert gone.wait(5), "the client of a node taken for dead stayed connected"
     wait_until(lambda: not redis_client.exists(fenced.keys.tombstone(fenced.id)),
@@ -176,6 +178,28 @@ def test_a_node_taken_for_dead_closes_its_connections_when_it_comes_back(cluster
     assert other.call("rec", 2) == ["ok"]
     assert [entry for entry in log if entry[0] == "disconnect"] == []
     assert fenced.id in ClusterState(redis_client, fenced.keys).nodes()
+
+
+def test_a_client_the_reaper_did_not_know_of_gets_its_disconnect_once(cluster, redis_client):
+    """A client that connected while its io-node was cut off is not in what the reaper saw:
+    the io-node, back, tells the app tier itself; one the reaper handled is not told twice."""
+    log = []
+    app = recording_app(log)
+    fenced, other_io = cluster.io_node(), cluster.io_node()
+    cluster.app_node(app)
+    known, unknown = cluster.client(fenced), cluster.client(fenced)
+    other = cluster.client(other_io)
+    assert known.call("rec", 1) == ["ok"] and unknown.call("rec", 1) == ["ok"]
+    known_sid, unknown_sid = known.sid, unknown.sid
+    # the reaper handled `known` only: out of the node's set, its disconnect pushed
+    redis_client.srem(fenced.keys.node_clients(fenced.id), known_sid)
+    redis_client.set(fenced.keys.tombstone(fenced.id), "1")
+    wait_until(lambda: fenced.clients == {}, message="the fenced node kept its clients")
+    wait_until(lambda: any(e[:2] == ("disconnect", unknown_sid) for e in log),
+               message="the app never heard that the unknown client left")
+    assert other.call("rec", 2) == ["ok"]        # barrier
+    assert [e[1] for e in log if e[0] == "disconnect"] == [unknown_sid]
+    assert redis_client.scard(fenced.keys.node_clients(fenced.id)) == 0
 
 
 def test_a_poison_message_ends_in_the_dead_letter_list_and_the_rest_keeps_flowing(cluster,
@@ -204,7 +228,7 @@ def test_a_full_inbox_refuses_events_and_connects_but_never_a_disconnect(cluster
                                                                         redis_client):
     keys = Keys(config.prefix)
     # no app-node yet: nothing drains the inbox; the connect is let in when no verdict comes
-    io = cluster.io_node(inbox_maxlen=5, connect_timeout=0.5)
+    io = cluster.io_node(inbox_maxlen=5, connect_timeout=0.5, connect_timeout_accept=True)
     client = cluster.client(io)
     assert redis_client.llen(keys.inbox) == 1                  # its connect
     answers = gevent.queue.Queue()
