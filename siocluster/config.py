@@ -131,12 +131,34 @@ class Config:
     max_send_backlog: int = _field(defaults.MAX_SEND_BACKLOG,
                                    "io-node: bytes waiting for one slow websocket client "
                                    "before it is disconnected")
+    outbox_max_bytes: int = _field(defaults.OUTBOX_MAX_BYTES,
+                                   "io-node: bytes of client messages buffered while Redis "
+                                   "is away")
+    max_attachments: int = _field(defaults.MAX_ATTACHMENTS,
+                                  "binary attachments of one client message")
+    max_connections: int = _field(defaults.MAX_CONNECTIONS,
+                                  "io-node: connections held at once")
+    max_connections_per_address: int = _field(defaults.MAX_CONNECTIONS_PER_ADDRESS,
+                                              "io-node: connections from one client address")
+    handshake_timeout: float = _field(defaults.HANDSHAKE_TIMEOUT,
+                                      "io-node: seconds to send a request or finish an upgrade")
+    certfile: Optional[str] = _field(None, "io-node: TLS certificate (PEM): serve https/wss")
+    keyfile: Optional[str] = _field(None, "io-node: TLS private key (PEM) of CERTFILE")
+    policy_max_connections: int = _field(defaults.POLICY_MAX_CONNECTIONS,
+                                         "policy server: requests answered at once")
     cors_allowed_origins: Optional[List[str]] = _field(
         None, "origins allowed to open Socket.IO connections "
               "(default: pages on the io-node's own host name)")
 
     inbox_maxlen: int = _field(defaults.INBOX_MAXLEN,
                                "client messages waiting in Redis before new ones are refused")
+    inbox_max_bytes: int = _field(defaults.INBOX_MAX_BYTES,
+                                  "bytes of them (estimated by Redis) before new ones are "
+                                  "refused")
+    dead_maxlen: int = _field(defaults.DEAD_MAXLEN,
+                              "records kept in the dead-letter list (the oldest dropped)")
+    dead_record_size: int = _field(defaults.DEAD_RECORD_SIZE,
+                                   "bytes of one dead-letter record (a larger message is cut)")
     stream_maxlen: int = _field(defaults.STREAM_MAXLEN, "commands kept for reconnecting io-nodes")
     heartbeat_interval: float = _field(defaults.HEARTBEAT_INTERVAL, "seconds between heartbeats")
     node_ttl: float = _field(defaults.NODE_TTL, "seconds without heartbeat before a node is dead")
@@ -255,8 +277,10 @@ class Config:
             raise ConfigError(f"PREFIX: {self.prefix!r} must be a non-empty word")
         positive = ("workers", "pop_timeout", "max_attempts", "call_timeout", "connect_timeout",
                     "ack_timeout", "outbox_size", "max_message_size", "rate_burst",
-                    "max_send_backlog",
-                    "inbox_maxlen", "stream_maxlen", "heartbeat_interval", "node_ttl")
+                    "max_send_backlog", "outbox_max_bytes", "max_attachments",
+                    "max_connections", "max_connections_per_address", "handshake_timeout",
+                    "policy_max_connections", "inbox_max_bytes", "dead_maxlen",
+                    "dead_record_size", "inbox_maxlen", "stream_maxlen", "heartbeat_interval", "node_ttl")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()}: must be above 0, not {getattr(self, name)}")

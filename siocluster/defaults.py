@@ -25,9 +25,18 @@ MAX_MESSAGE_SIZE = 1_000_000  # bytes of one client message
 RATE_LIMIT = 100.0           # events per second one connection may send (0 turns it off)
 RATE_BURST = 200             # events a connection may send at once above the rate
 MAX_SEND_BACKLOG = 4 << 20   # bytes waiting for one slow websocket client before it is cut off
+OUTBOX_MAX_BYTES = 64 << 20  # bytes of client messages an io-node buffers while Redis is away
+MAX_ATTACHMENTS = 10         # binary attachments of one client message
+MAX_CONNECTIONS = 20_000     # connections one io-node holds at once
+MAX_CONNECTIONS_PER_ADDRESS = 1_000  # of those, from one client address
+HANDSHAKE_TIMEOUT = 10.0     # seconds a client has to send a request, or finish an upgrade
+POLICY_MAX_CONNECTIONS = 1_000  # policy requests answered at once
 
 # Redis structures
 INBOX_MAXLEN = 100_000       # client messages waiting for the app tier before new ones are refused
+INBOX_MAX_BYTES = 256 << 20  # bytes of them (estimated by Redis) before new ones are refused
+DEAD_MAXLEN = 1_000          # records kept in the dead-letter list, the oldest dropped
+DEAD_RECORD_SIZE = 64 << 10  # bytes of one dead-letter record: a larger message is cut
 STREAM_MAXLEN = 100_000      # commands kept in a stream for io-nodes that reconnect
 COMMAND_BATCH = 256          # stream entries one io-node reads per round trip
 
