@@ -94,7 +94,7 @@ class AppNode(Node):
         self.app: App = load_app(app) if isinstance(app, str) else app
         self.app.node = self
         self.processing = self.keys.processing(self.id)
-        self.inbox = Inbox(self.redis, self.keys, c.max_attempts)
+        self.inbox = Inbox(self.redis, self.keys, c)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.commands = Commands(self.streams, self.state, self.keys, c.call_timeout,
                                  c.pop_timeout, self.id, self.logger)
@@ -335,6 +335,7 @@ class AppNode(Node):
         and whether more messages wait."""
         pipe = self.redis.pipeline(transaction=False)
         self.streams.write(pipe, [f.commands for f in done] + [commands])
+        dead_letters = []
         for finish in done:
             if finish.forget is not None:
                 # only now: the disconnect handler could still read the client's rooms and
@@ -342,12 +343,19 @@ class AppNode(Node):
                 forget = finish.forget
                 self.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
             if finish.dead is not None:
-                self.inbox.dead_letter(pipe, {**finish.dead, "app_node": self.id})
+                dead_letters.append(
+                    self.inbox.dead_letter(pipe, {**finish.dead, "app_node": self.id}))
             if finish.retry is not None:
                 self.inbox.retry(pipe, finish.retry)
             self.inbox.finish(pipe, self.processing, finish.raw)
         self.inbox.waiting(pipe)
-        self._more = pipe.execute()[-1] > 0
+        results = pipe.execute()
+        self._more = results[-1] > 0
+        dropped = sum(results[position] for position in dead_letters)
+        if dropped:
+            self.logger.warning("app-node %s: the dead-letter list is at its bound (DEAD_MAXLEN "
+                                "%d): %d of its oldest records dropped", self.id,
+                                self.config.dead_maxlen, dropped)
 
     def _settle(self, done: List[Finish]) -> None:
         """After the round trip: count what was handled, forget clients that left."""

@@ -280,7 +280,8 @@ class Config:
                     "max_send_backlog", "outbox_max_bytes", "max_attachments",
                     "max_connections", "max_connections_per_address", "handshake_timeout",
                     "policy_max_connections", "inbox_max_bytes", "dead_maxlen",
-                    "dead_record_size", "inbox_maxlen", "stream_maxlen", "heartbeat_interval", "node_ttl")
+                    "dead_record_size", "inbox_maxlen", "stream_maxlen", "heartbeat_interval",
+                    "node_ttl")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()}: must be above 0, not {getattr(self, name)}")

@@ -18,11 +18,12 @@ Where a message goes back, in one place:
 The class returns values and adds to pipelines it is given; it never calls back into a
 node::
 
-    inbox = Inbox(redis, keys, max_attempts=5)
+    inbox = Inbox(redis, keys, config)
     raws, more = inbox.take(processing, wanted=16, timeout=1.0)
     inbox.give_back(processing, raws[1:], node="app-node-1")
 """
 
+import logging
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -31,19 +32,25 @@ from redis.exceptions import NoScriptError
 from .envelope import Envelope, dumps
 from .state import Keys
 
+logger = logging.getLogger("siocluster.inbox")
+
 # Push a batch of envelopes in order, refusing connects and events that would take the
-# inbox over its maximum length; a disconnect is never refused (its client is gone either
-# way, and the app tier must hear of it). KEYS: inbox; ARGV: maxlen, then kind and envelope
-# for each. Returns the 0-based positions of the refused ones.
+# inbox over its maximum length or size (MEMORY USAGE estimates it from a few elements);
+# a disconnect is never refused (its client is gone either way, and the app tier must hear
+# of it). KEYS: inbox; ARGV: maxlen, max bytes, then kind and envelope for each. Returns
+# the 0-based positions of the refused ones.
 _PUSH = """
 local room = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1])
+local bytes = tonumber(ARGV[2]) - (redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '5') or 0)
 local refused = {}
-for i = 2, #ARGV, 2 do
-  if ARGV[i] == 'disconnect' or room > 0 then
+for i = 3, #ARGV, 2 do
+  local size = #ARGV[i + 1]
+  if ARGV[i] == 'disconnect' or (room > 0 and bytes >= size) then
     redis.call('LPUSH', KEYS[1], ARGV[i + 1])
     room = room - 1
+    bytes = bytes - size
   else
-    refused[#refused + 1] = (i - 2) / 2
+    refused[#refused + 1] = (i - 3) / 2
   end
 end
 return refused
@@ -67,12 +74,13 @@ return taken
 
 # Move messages out of a processing list, each only if it is still there: a message is
 # handed over by whoever removed it. In one script, so consumers blocked on the inbox see
-# them all at once, in order. KEYS: source, inbox, dead-letter list; ARGV: for each message
-# (newest first, as LRANGE gives them) the message, what to push, and "inbox" (to the
-# front, where consumers pop) or "dead". Returns how many went to the inbox and the dead.
+# them all at once, in order. KEYS: source, inbox, dead-letter list; ARGV: the dead-letter
+# list's bound, then for each message (newest first, as LRANGE gives them) the message, what
+# to push, and "inbox" (to the front, where consumers pop) or "dead". Returns how many went
+# to the inbox and the dead, and how many old dead letters were dropped for them.
 _MOVE = """
 local inbox, dead = 0, 0
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
     if ARGV[i + 2] == 'inbox' then
       redis.call('RPUSH', KEYS[2], ARGV[i + 1])
@@ -83,7 +91,22 @@ for i = 1, #ARGV, 3 do
     end
   end
 end
-return {inbox, dead}
+local dropped = math.max(0, redis.call('LLEN', KEYS[3]) - tonumber(ARGV[1]))
+if dropped > 0 then
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
+end
+return {inbox, dead, dropped}
+"""
+
+# A dead letter, the oldest dropped past the list's bound. KEYS: dead-letter list; ARGV:
+# the record, the bound. Returns how many were dropped.
+_DEAD = """
+local length = redis.call('LPUSH', KEYS[1], ARGV[1])
+local dropped = math.max(0, length - tonumber(ARGV[2]))
+if dropped > 0 then
+  redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+end
+return dropped
 """
 
 # A client of a dead io-node gets its disconnect only once. KEYS: node-clients, inbox;
@@ -102,26 +125,34 @@ class Inbox:
 
     :param redis: a redis-py client with ``decode_responses=True``.
     :param keys: the cluster's `Keys`.
-    :param max_attempts: deliveries of one message before it is dead-lettered.
+    :param config: the `Config` whose bounds it keeps: ``max_attempts``, ``inbox_maxlen``,
+        ``inbox_max_bytes``, ``dead_maxlen`` and ``dead_record_size``.
+
+    The dead-letter list keeps the newest ``dead_maxlen`` records, each at most about
+    ``dead_record_size`` bytes (a larger message is cut, its size noted), so it never holds
+    more than their product.
     """
 
-    def __init__(self, redis, keys: Keys, max_attempts: int):
+    def __init__(self, redis, keys: Keys, config):
         self.redis = redis
         self.keys = keys
-        self.max_attempts = max_attempts
+        self.max_attempts = config.max_attempts
+        self.maxlen, self.max_bytes = config.inbox_maxlen, config.inbox_max_bytes
+        self.dead_maxlen, self.dead_record_size = config.dead_maxlen, config.dead_record_size
         self._push = redis.register_script(_PUSH)
         self._take = redis.register_script(_TAKE)
         self._move = redis.register_script(_MOVE)
+        self._dead = redis.register_script(_DEAD)
         self._disconnect = redis.register_script(_DISCONNECT)
 
     # ---- io-nodes ---------------------------------------------------------------------------
 
-    def push(self, batch: Sequence[Tuple[str, str]], maxlen: int, records=(),
-             state=None) -> List[int]:
+    def push(self, batch: Sequence[Tuple[str, str]], records=(), state=None) -> List[int]:
         """Push ``(kind, envelope)`` pairs in order, with the client records of connects in
         the same transaction (``state.add_client``), so an app-node that takes a connect
-        finds its record. Returns the positions of the messages refused for space."""
-        args = [maxlen]
+        finds its record. Returns the positions of the messages refused for space (the
+        inbox's length or size bound)."""
+        args = [self.maxlen, self.max_bytes]
         for kind, raw in batch:
             args += [kind, raw]
         try:
@@ -188,9 +219,25 @@ class Inbox:
         the line."""
         pipe.lpush(self.keys.inbox, envelope.encode())
 
-    def dead_letter(self, pipe, record: dict) -> None:
-        """Add to ``pipe``: a record of a message given up on (``error``, ``raw``, ...)."""
-        pipe.lpush(self.keys.dead, dumps({**record, "ts": time.time()}))
+    def dead_letter(self, pipe, record: dict) -> int:
+        """Add to ``pipe``: a record of a message given up on (``error``, ``raw``, ...).
+        Returns the position of its reply in the pipeline: how many old records were
+        dropped to keep the list's bound."""
+        position = len(pipe)
+        self._dead(keys=[self.keys.dead],
+                   args=[self._record({**record, "ts": time.time()}), self.dead_maxlen],
+                   client=pipe)
+        return position
+
+    def _record(self, record: dict) -> str:
+        """A dead-letter record as stored: its message cut to ``dead_record_size`` bytes."""
+        raw = record.get("raw")
+        if isinstance(raw, str):
+            data = raw.encode("utf-8", "surrogateescape")
+            if len(data) > self.dead_record_size:
+                record = {**record, "raw": data[:self.dead_record_size].decode("utf-8", "ignore"),
+                          "raw_bytes": len(data), "cut": True}
+        return dumps(record)
 
     def waiting(self, pipe) -> None:
         """Add to ``pipe``: how many messages wait in the inbox."""
@@ -218,22 +265,26 @@ class Inbox:
                  count_attempt: bool) -> Tuple[int, int]:
         if not raws:
             return 0, 0
-        args = []
+        args = [self.dead_maxlen]
         for raw in raws:
             try:
                 envelope = Envelope.decode(raw)
             except Exception as exc:
                 record = {"error": f"malformed: {exc}", "raw": raw, "ts": time.time(),
                           "app_node": node}
-                args += [raw, dumps(record), "dead"]
+                args += [raw, self._record(record), "dead"]
                 continue
             if count_attempt:
                 envelope.attempt += 1
             if envelope.attempt >= self.max_attempts:
                 record = {"error": error, "raw": envelope.encode(), "ts": time.time(),
                           "app_node": node, "attempts": envelope.attempt}
-                args += [raw, dumps(record), "dead"]
+                args += [raw, self._record(record), "dead"]
             else:
                 args += [raw, envelope.encode(), "inbox"]
-        inbox, dead = self._move(keys=[source, self.keys.inbox, self.keys.dead], args=args)
+        inbox, dead, dropped = self._move(keys=[source, self.keys.inbox, self.keys.dead],
+                                          args=args)
+        if dropped:
+            logger.warning("the dead-letter list is at its bound (DEAD_MAXLEN %d): %d of its "
+                           "oldest records dropped", self.dead_maxlen, dropped)
         return inbox, dead

@@ -91,9 +91,9 @@ class IoNode(CommandApplier, Node):
         engine.hook_events(sio, self._on_event)     # events with their ack id
         self.wsgi_app = socketio.WSGIApp(sio)
         self.clients: Dict[str, Client] = {}
-        self.inbox = Inbox(self.redis, self.keys, c.max_attempts)
-        self.outbox = Outbox(self.inbox, self.state, c.outbox_size, c.max_message_size,
-                             c.inbox_maxlen)
+        self.inbox = Inbox(self.redis, self.keys, c)
+        self.outbox = Outbox(self.inbox, self.state, c.outbox_size, c.outbox_max_bytes,
+                             c.max_message_size)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.reader = self.streams.reader(self.id, self.logger)
         self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)

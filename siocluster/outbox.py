@@ -7,7 +7,7 @@ slow the outbox fills up to ``outbox_size``, then refuses connects and events wi
 reason the client is told; a disconnect is never refused for space (there is one per
 client, so the outbox stays bounded all the same)::
 
-    outbox = Outbox(inbox, state, size=10_000, max_message_size=1_000_000, inbox_maxlen=...)
+    outbox = Outbox(inbox, state, size=10_000, max_bytes=64 << 20, max_message_size=1_000_000)
     refusal = outbox.put(envelope)          # None, or why it was refused
     refused = outbox.push(timeout=1.0)      # what the inbox refused for space
 """
@@ -30,10 +30,11 @@ NOT_TEXT = "message refused: it is not valid UTF-8 text"
 class Outgoing:
     """An envelope queued for the inbox, with what is needed to refuse it later."""
 
-    __slots__ = ("raw", "record", "kind", "id", "sid", "namespace", "event", "ack_id")
+    __slots__ = ("raw", "size", "record", "kind", "id", "sid", "namespace", "event", "ack_id")
 
-    def __init__(self, raw: str, record: Optional[dict], envelope: Envelope, ack_id=None):
-        self.raw, self.record, self.ack_id = raw, record, ack_id
+    def __init__(self, raw: str, size: int, record: Optional[dict], envelope: Envelope,
+                 ack_id=None):
+        self.raw, self.size, self.record, self.ack_id = raw, size, record, ack_id
         self.kind, self.id, self.sid = envelope.kind, envelope.id, envelope.sid
         self.namespace, self.event = envelope.namespace, envelope.event
 
@@ -44,16 +45,17 @@ class Outbox:
     :param inbox: the cluster's `Inbox`.
     :param state: the cluster's `ClusterState` (a connect's client record goes with it).
     :param size: connects and events that may wait (``outbox_size``).
+    :param max_bytes: bytes of them that may wait (``outbox_max_bytes``).
     :param max_message_size: bytes of one encoded envelope, disconnects excepted.
-    :param inbox_maxlen: messages the inbox may hold before it refuses more.
     """
 
-    def __init__(self, inbox: Inbox, state: ClusterState, size: int, max_message_size: int,
-                 inbox_maxlen: int):
+    def __init__(self, inbox: Inbox, state: ClusterState, size: int, max_bytes: int,
+                 max_message_size: int):
         self.inbox, self.state = inbox, state
-        self.size, self.max_message_size, self.inbox_maxlen = size, max_message_size, inbox_maxlen
+        self.size, self.max_bytes, self.max_message_size = size, max_bytes, max_message_size
         self._queue = gevent.queue.Queue()
         self._unsent: List[Outgoing] = []      # the batch being pushed, resent after a failure
+        self.bytes = 0                         # of what waits, queued and unsent
 
     def __len__(self) -> int:
         return self._queue.qsize() + len(self._unsent)
@@ -70,7 +72,7 @@ class Outbox:
             if size > self.max_message_size:
                 return (f"message too large: {size} bytes, the limit is "
                         f"{self.max_message_size} bytes")
-            if len(self) >= self.size:
+            if len(self) >= self.size or self.bytes + size > self.max_bytes:
                 return OUTBOX_FULL
         record = None
         if envelope.kind == "connect":
@@ -78,7 +80,8 @@ class Outbox:
             record = {"sid": envelope.sid, "namespace": envelope.namespace,
                       "node": envelope.node, "info": envelope.client,
                       "connected_at": envelope.ts}
-        self._queue.put_nowait(Outgoing(raw, record, envelope, ack_id))
+        self._queue.put_nowait(Outgoing(raw, size, record, envelope, ack_id))
+        self.bytes += size
         return None
 
     def push(self, timeout: float) -> List[Outgoing]:
@@ -96,8 +99,9 @@ class Outbox:
                 except gevent.queue.Empty:
                     break
         batch = self._unsent
-        refused = self.inbox.push([(item.kind, item.raw) for item in batch], self.inbox_maxlen,
+        refused = self.inbox.push([(item.kind, item.raw) for item in batch],
                                   records=[i.record for i in batch if i.record is not None],
                                   state=self.state)
         self._unsent = []
+        self.bytes -= sum(item.size for item in batch)
         return [batch[index] for index in refused]

@@ -141,6 +141,17 @@ class Cluster:
 
 
 @pytest.fixture
+def own_cluster(durable_redis):
+    """A cluster on a Redis of its own, which a test may stop and start again."""
+    config = Config(redis_url=durable_redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}",
+                    pop_timeout=0.2, heartbeat_interval=0.3, node_ttl=1.5, connect_timeout=3.0,
+                    call_timeout=3.0, workers=2, rate_limit=0)
+    cluster = Cluster(config)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
 def cluster(config):
     cluster = Cluster(config)
     yield cluster

@@ -8,6 +8,7 @@ import logging
 
 import gevent
 import gevent.event
+import gevent.queue
 import pytest
 import requests
 import socketio
@@ -248,3 +249,69 @@ def test_rooms_of_different_namespaces_never_share_a_key(cluster, redis_client):
     first_sid, second_sid = first.sio.get_sid("/a"), second.sio.get_sid("/a:b")
     assert first.call("join", "b:c", namespace="/a") == [[first_sid]]
     assert second.call("join", "c", namespace="/a:b") == [[second_sid]]
+
+
+# ---- Redis and the io-node's memory stay bounded, in bytes as well as in messages -----------
+
+def test_the_dead_letter_list_is_bounded_in_records_and_bytes(cluster, redis_client, caplog):
+    app = App()
+    handled = []
+
+    @app.on("poison")
+    def poison(sid, n, payload):
+        handled.append(n)
+        raise ValueError("cannot take it")
+
+    io = cluster.io_node()
+    cluster.app_node(app, max_attempts=1, dead_maxlen=3, dead_record_size=1_000, workers=1)
+    client = cluster.client(io)
+    with caplog.at_level(logging.WARNING):
+        for n in range(6):
+            client.sio.emit("poison", (n, "x" * 20_000))
+        wait_until(lambda: len(handled) == 6, message="the poison messages were not handled")
+        keys = Keys(cluster.config.prefix)
+        wait_until(lambda: "oldest records dropped" in caplog.text,
+                   message="no warning that dead letters were dropped")
+    records = [json.loads(raw) for raw in redis_client.lrange(keys.dead, 0, -1)]
+    assert len(records) == 3
+    assert [r["cut"] for r in records] == [True] * 3
+    assert all(len(raw) < 2_000 for raw in redis_client.lrange(keys.dead, 0, -1))
+    assert all(r["raw_bytes"] > 20_000 for r in records)
+
+
+def test_the_inbox_refuses_messages_past_its_size_in_bytes(cluster, redis_client):
+    from siocluster.outbox import INBOX_FULL
+
+    # no app-node: nothing drains the inbox; the connect is let in when no verdict comes
+    io = cluster.io_node(inbox_max_bytes=20_000, connect_timeout=0.3,
+                         connect_timeout_accept=True)
+    client = cluster.client(io)
+    answers = []
+    for n in range(10):
+        client.sio.emit("rec", "y" * 5_000, callback=lambda *a, n=n: answers.append((n, a)))
+    wait_until(lambda: len(answers) >= 5, message="nothing was refused")
+    assert all(a == ({"ok": False, "error": INBOX_FULL},) for _, a in answers)
+    keys = Keys(cluster.config.prefix)
+    assert redis_client.llen(keys.inbox) <= 5               # the connect and a few events
+    assert redis_client.memory_usage(keys.inbox) <= 20_000 + 6_000
+
+
+def test_the_outbox_refuses_messages_past_its_size_in_bytes_while_redis_is_away(
+        durable_redis, own_cluster):
+    from siocluster.outbox import OUTBOX_FULL
+
+    io = own_cluster.io_node(outbox_size=1_000, outbox_max_bytes=12_000)
+    own_cluster.app_node(readme_app([]), workers=1)
+    client = own_cluster.client(io, auth={"name": "ann"})
+    assert client.call("hello") == ["hi"]
+    durable_redis.stop()
+    answers = gevent.queue.Queue()
+    for n in range(5):
+        client.sio.emit("hello", "z" * 5_000, callback=lambda *a, n=n: answers.put((n, a)))
+    refused = sorted(answers.get(timeout=5) for _ in range(3))
+    assert refused == [(n, ({"ok": False, "error": OUTBOX_FULL},)) for n in (2, 3, 4)]
+    assert io.outbox.bytes <= 12_000
+    durable_redis.start()
+    accepted = sorted(answers.get(timeout=20) for _ in range(2))
+    assert accepted == [(0, ("hi",)), (1, ("hi",))]
+    assert io.outbox.bytes == 0

@@ -18,12 +18,11 @@ import pytest
 import redis
 import socketio
 
-from siocluster import App, AppNode, Config, IoNode
+from siocluster import App, AppNode, IoNode
 from siocluster.envelope import Envelope, encode_batch
 from siocluster.outbox import INBOX_FULL, OUTBOX_FULL
 from siocluster.reaper import DIED_REASON, Reaper
 from siocluster.state import ClusterState, Keys
-from tests.conftest import Cluster
 from tests.helpers import EventClient, wait_until
 
 
@@ -256,16 +255,6 @@ def test_a_full_inbox_refuses_events_and_connects_but_never_a_disconnect(cluster
     assert log[:4] == [("rec", [n], 0) for n in range(4)]
     assert log[4][0] == "disconnect"
     assert answers.empty()      # the accepted ones were answered to a client that left
-
-
-@pytest.fixture
-def own_cluster(durable_redis):
-    config = Config(redis_url=durable_redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}",
-                    pop_timeout=0.2, heartbeat_interval=0.3, node_ttl=1.5, connect_timeout=3.0,
-                    call_timeout=3.0, workers=2, rate_limit=0)
-    cluster = Cluster(config)
-    yield cluster
-    cluster.stop()
 
 
 def test_events_wait_in_the_outbox_while_redis_is_down_and_past_its_bound_are_refused(
