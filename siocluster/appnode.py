@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import gevent
 import gevent.local
 import gevent.lock
+from redis.exceptions import NoScriptError
 
 from .app import App, load_app
 from .commands import Commands, HandlerContext, current, enter
@@ -334,7 +335,7 @@ class AppNode(Node):
         handler's), the state of clients that left, the messages off the processing list,
         and whether more messages wait."""
         pipe = self.redis.pipeline(transaction=False)
-        self.streams.write(pipe, [f.commands for f in done] + [commands])
+        writes = self.streams.write(pipe, [f.commands for f in done] + [commands])
         dead_letters = []
         for finish in done:
             if finish.forget is not None:
@@ -349,7 +350,13 @@ class AppNode(Node):
                 self.inbox.retry(pipe, finish.retry)
             self.inbox.finish(pipe, self.processing, finish.raw)
         self.inbox.waiting(pipe)
-        results = pipe.execute()
+        try:
+            results = pipe.execute()
+        except NoScriptError:
+            # Redis lost its scripts (a restart): all went through but the commands
+            self.streams.rewrite(writes)
+            self._more = True
+            return
         self._more = results[-1] > 0
         dropped = sum(results[position] for position in dead_letters)
         if dropped:

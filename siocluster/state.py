@@ -21,6 +21,7 @@ class Keys:
         self.inbox = f"{prefix}:inbox"                # list: envelopes waiting for app-nodes
         self.dead = f"{prefix}:dead"                  # list: envelopes that failed too often
         self.commands = f"{prefix}:commands"          # stream: commands for every io-node
+        self.command_seq = f"{prefix}:command-seq"    # counter: numbers every stream entry
         self.clients = f"{prefix}:clients"            # hash: sid -> client record
         self.nodes = f"{prefix}:nodes"                # hash: node id -> node info
         self.room_prefix = f"{prefix}:room:"

@@ -3,8 +3,9 @@
 Two Redis streams reach an io-node: ``<prefix>:commands``, read by every io-node, and
 ``<prefix>:commands:<io-node id>``, for the clients of that io-node alone. One stream
 entry holds one batch of commands (`encode_batch`). Writers keep a handler's commands in
-order by putting them all on one stream; a reader merges the two streams by entry id, so
-each io-node applies commands in the order they were written. A reader remembers the last
+order by putting them all on one stream; every entry carries a number of one cluster-wide
+sequence, and a reader merges its two streams by time and that number, so each io-node
+applies commands in the order they were written. A reader remembers the last
 id it applied and resumes from it after an outage; the streams are trimmed
 (``MAXLEN ~ stream_maxlen``), and a reader that finds entries it never read trimmed away
 says how many::
@@ -19,7 +20,7 @@ says how many::
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .envelope import MessageError, decode_batch, encode_batch
 from .state import Keys
@@ -28,9 +29,29 @@ from .state import Keys
 Routed = Tuple[Optional[str], dict]
 
 
+# Append a batch of commands to a stream with the next number of the cluster-wide command
+# sequence: entries of two streams written in the same millisecond still tell which came
+# first. KEYS: stream, sequence; ARGV: maxlen, batch.
+_WRITE = """
+local seq = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'b', ARGV[2], 's', seq)
+"""
+
+
 def _entry_id(entry_id: str) -> Tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _order(entry_id: str, fields: dict) -> Tuple[int, int, int]:
+    """Where an entry falls among those of both streams: by time, then by the sequence
+    number it was written with (entries written by hand have none), then by its id."""
+    ms, seq = _entry_id(entry_id)
+    try:
+        number = int(fields.get("s", -1))
+    except (TypeError, ValueError):
+        number = -1
+    return ms, number, seq
 
 
 class CommandStreams:
@@ -45,31 +66,59 @@ class CommandStreams:
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
+        self._write = redis.register_script(_WRITE)
 
-    def write(self, pipe, batches: Sequence[Sequence[Routed]]) -> None:
+    def write(self, pipe, batches: Sequence[Sequence[Routed]]) -> List[Tuple[str, str]]:
         """Add to ``pipe`` the commands of handlers (one batch each, in the order they
-        ran), one XADD per stream. A handler's commands meant for one io-node's clients go
-        to that node's stream; if any is addressed more widely, all of them go to the
-        stream every io-node reads: so each io-node gets a handler's commands in order, and
-        handlers' in the order they ran."""
-        groups: Dict[str, List[dict]] = {}
+        ran), as few entries as order allows; returns the entries, for `rewrite`.
+
+        A handler's commands meant for one io-node's clients go to that node's stream; if
+        any is addressed more widely, all of them go to the stream every io-node reads. An
+        io-node applies the entries of its two streams in the order of their cluster-wide
+        sequence numbers, so handlers' commands may share an entry only while no entry of
+        the other kind of stream falls between them."""
+        shared = self.keys.commands
+        entries: List[Tuple[str, List[dict]]] = []
+        open_entries: Dict[str, List[dict]] = {}
         for batch in batches:
             if not batch:
                 continue
             if any(node is None for node, _ in batch):
-                groups.setdefault(self.keys.commands, []).extend(c for _, c in batch)
+                routed = [(shared, command) for _, command in batch]
+                open_entries = {shared: open_entries[shared]} if shared in open_entries else {}
             else:
-                for node, command in batch:
-                    groups.setdefault(self.keys.node_commands(node), []).append(command)
-        for stream, commands in groups.items():
-            pipe.xadd(stream, {"b": encode_batch(commands)}, maxlen=self.maxlen,
-                      approximate=True)
+                routed = [(self.keys.node_commands(node), command) for node, command in batch]
+                open_entries.pop(shared, None)
+            for stream, command in routed:
+                if stream not in open_entries:
+                    open_entries[stream] = []
+                    entries.append((stream, open_entries[stream]))
+                open_entries[stream].append(command)
+        writes = [(stream, encode_batch(commands)) for stream, commands in entries]
+        for stream, payload in writes:
+            # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
+            pipe.evalsha(self._write.sha, 2, stream, self.keys.command_seq, self.maxlen,
+                         payload)
+        return writes
+
+    def rewrite(self, writes: List[Tuple[str, str]]) -> None:
+        """Write again entries whose pipeline failed because Redis had lost the script (a
+        restart, SCRIPT FLUSH): nothing of them was written."""
+        self.redis.script_load(_WRITE)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, payload in writes:
+            pipe.evalsha(self._write.sha, 2, stream, self.keys.command_seq, self.maxlen,
+                         payload)
+        pipe.execute()
 
     def send(self, batch: Sequence[Routed]) -> None:
         """Write one batch now, in a round trip of its own."""
         pipe = self.redis.pipeline(transaction=False)
-        self.write(pipe, [batch])
-        pipe.execute()
+        writes = self.write(pipe, [batch])
+        try:
+            pipe.execute()
+        except NoScriptError:
+            self.rewrite(writes)
 
     def reader(self, node: str, logger: Optional[logging.Logger] = None) -> "StreamReader":
         """A reader of the streams io-node ``node`` follows, from their current ends."""
@@ -133,12 +182,12 @@ class StreamReader:
             return commands
         entries, cap = [], None
         for stream, items in reply:
-            entries.extend((_entry_id(entry_id), stream, entry_id, fields)
+            entries.extend((_order(entry_id, fields), stream, entry_id, fields)
                            for entry_id, fields in items)
             if len(items) >= count:
                 # this stream may have more: apply nothing newer than its last entry yet,
                 # so commands of the two streams stay in the order they were written
-                last = _entry_id(items[-1][0])
+                last = _order(*items[-1])
                 cap = last if cap is None else min(cap, last)
                 # far behind: make sure nothing is trimmed before we get there
                 self.check_due = True

@@ -315,3 +315,60 @@ def test_the_outbox_refuses_messages_past_its_size_in_bytes_while_redis_is_away(
     accepted = sorted(answers.get(timeout=20) for _ in range(2))
     assert accepted == [(0, ("hi",)), (1, ("hi",))]
     assert io.outbox.bytes == 0
+
+
+# ---- one handler's commands are applied in the order it made them ---------------------------
+
+def test_entries_of_both_streams_in_one_millisecond_apply_in_the_order_written(
+        cluster, redis_client):
+    from siocluster.envelope import emit_command, encode_batch
+
+    io = cluster.io_node()
+    cluster.app_node(readme_app([]))
+    client = cluster.client(io, auth={"name": "ann"})
+    keys = Keys(cluster.config.prefix)
+    real_xread = io.redis.xread
+    gate, waiting = gevent.event.Event(), gevent.event.Event()
+
+    def xread(*args, **kwargs):
+        waiting.set()
+        gate.wait(10)
+        return real_xread(*args, **kwargs)
+
+    # hold the listener between reads, so that one read finds the entries of both streams
+    io.redis.xread = xread
+    assert waiting.wait(5), "the io-node's listener did not read"
+    for n in range(3):
+        # the same id in both streams, as two writes in one millisecond get; the sequence
+        # number says the io-node's own stream was written first
+        ms = 10**13 + n
+        pipe = redis_client.pipeline(transaction=False)
+        pipe.xadd(keys.commands, {"b": encode_batch([emit_command("n", [[n, "second"]], "/")]),
+                                  "s": 2 * n + 2}, id=f"{ms}-0")
+        pipe.xadd(keys.node_commands(io.id),
+                  {"b": encode_batch([emit_command("n", [[n, "first"]], "/", to=client.sid)]),
+                   "s": 2 * n + 1}, id=f"{ms}-0")
+        pipe.execute()
+    gate.set()
+    got = [args[0] for args in client.expect("n", 6)]
+    assert got == [[n, which] for n in range(3) for which in ("first", "second")]
+
+
+def test_writes_are_numbered_and_split_where_the_kind_of_stream_changes(cluster, redis_client):
+    from siocluster.streams import CommandStreams
+
+    keys = Keys(cluster.config.prefix)
+    streams = CommandStreams(redis_client, keys, maxlen=100)
+    one = {"m": "app", "type": "x"}
+    pipe = redis_client.pipeline(transaction=False)
+    # handler A to io-node X's client, B to everyone, C to X again, D to io-node Y's client
+    streams.write(pipe, [[("X", one)], [(None, one)], [("X", one)], [("Y", one)]])
+    pipe.execute()
+
+    def numbers(stream):
+        return [int(fields["s"]) for _, fields in redis_client.xrange(stream)]
+
+    x, shared, y = numbers(keys.node_commands("X")), numbers(keys.commands), \
+        numbers(keys.node_commands("Y"))
+    assert len(x) == 2 and len(shared) == 1 and len(y) == 1     # C did not join A's entry
+    assert x[0] < shared[0] < x[1]
