@@ -15,9 +15,10 @@ many of them, so here:
 - one greenlet sends every connection's pings, in the order they fall due.
 
 Polling connections, and a connection's polling phase before it upgrades, keep engineio's
-queue. `IoSocketServer` is a ``socketio.Server`` on this engine; the io-node makes one::
+queue, bounded too (`siocluster.transport`), as are a websocket message being read, an
+upgrade's probe and a message's attachments. `IoSocketServer` runs this engine::
 
-    sio = IoSocketServer(async_mode="gevent", max_send_backlog=4 << 20)
+    sio = IoSocketServer(async_mode="gevent", max_send_backlog=4 << 20, max_attachments=10)
 
 The one module that reaches into private names of python-engineio, python-socketio, gevent
 and gevent-websocket (the functions at its end serve the io-node and the app), each use
@@ -25,25 +26,26 @@ saying why; setup.cfg pins the versions of `TESTED_WITH`, and tests/test_engine.
 that every name it relies on is there.
 """
 
-import collections
 import logging
 import socket as stdlib_socket
+import ssl
 import struct
-import time
 
 import engineio
 import gevent
+import gevent.ssl
 import socketio
 from engineio import packet as eio_packet
 from engineio.socket import Socket
 from socketio import packet as sio_packet
 
 from . import defaults
+from .transport import MessageCap, Pinger, PollingBounds, attachment_count, shown
 
 # the versions this module was written and tested against (setup.cfg pins the same ranges)
 TESTED_WITH = {"python-engineio": "4.15", "python-socketio": "5.18", "gevent-websocket": "0.10"}
 
-_PING = eio_packet.Packet(eio_packet.PING)
+TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)      # the standard library's, gevent's
 # engineio's own logger stays quiet unless asked (engineio_logger=True); a slow client cut
 # off is the io-node's news
 logger = logging.getLogger("siocluster.io-node")
@@ -55,7 +57,9 @@ def websocket_frame(pkt: eio_packet.Packet) -> bytes:
     same packet, so a broadcast is encoded once."""
     frame = pkt.__dict__.get("_ws_frame")
     if frame is None:
-        data = pkt.encode()
+        # not encode() for binary: it keeps its first encoding for every later call, and a
+        # polling client's must be base64
+        data = pkt.data if pkt.binary else pkt.encode()
         if isinstance(data, str):
             opcode, data = 0x81, data.encode("utf-8")
         else:
@@ -74,17 +78,20 @@ def websocket_frame(pkt: eio_packet.Packet) -> bytes:
 class FrameWriter:
     """Writes one connection's bytes in order without ever blocking the caller.
 
-    :param sock: the connection's gevent socket.
+    :param sock: the connection's gevent socket, or gevent's TLS socket.
     :param limit: bytes that may wait for the client; past that it is cut off.
     :param on_overflow: called (once, with the bytes waiting) when the client is cut off.
     """
 
-    __slots__ = ("_socket", "_raw", "_backlog", "_waiting", "_limit", "_flusher",
+    __slots__ = ("_socket", "_raw", "_direct", "_backlog", "_waiting", "_limit", "_flusher",
                  "_on_overflow", "broken")
 
     def __init__(self, sock, limit: int, on_overflow=None):
         self._socket = sock
         self._raw = sock._sock            # the real socket, non-blocking under gevent
+        # under TLS the real socket would carry frames in clear text: the flusher writes
+        # them to the TLS one (whose writes the kernel did not take must be retried as is)
+        self._direct = not isinstance(sock, TLS_SOCKETS)
         self._backlog = None              # bytes the kernel did not take yet, in order
         self._waiting = 0
         self._limit = limit
@@ -101,16 +108,18 @@ class FrameWriter:
         if self.broken:
             return
         if self._flusher is None:
-            try:
-                sent = self._raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                # the reader sees the same error or the end of the stream and closes
-                self.broken = True
-                return
-            if sent == len(data):
-                return
+            sent = 0
+            if self._direct:
+                try:
+                    sent = self._raw.send(data)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    # the reader sees the same error or the end of the stream and closes
+                    self.broken = True
+                    return
+                if sent == len(data):
+                    return
             data = data[sent:]
             self._backlog = []
             self._flusher = gevent.spawn(self._flush)
@@ -158,46 +167,7 @@ class FrameWriter:
         self.broken = True
 
 
-class Pinger:
-    """Sends the pings of every connection of a server from one greenlet. Every socket
-    waits the same interval, so a FIFO keeps them in the order they fall due."""
-
-    def __init__(self, server: "EngineServer"):
-        self.server = server
-        self.due = collections.deque()
-        self.greenlet = None
-
-    def schedule(self, socket: Socket) -> None:
-        self.due.append((time.monotonic() + self.server.ping_interval, socket))
-        if self.greenlet is None:
-            self.greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        due = self.due
-        try:
-            while due:
-                when, socket = due[0]
-                delay = when - time.monotonic()
-                if delay > 0:
-                    gevent.sleep(delay)
-                    continue
-                due.popleft()
-                if not socket.closing and not socket.closed:
-                    socket.last_ping = time.time()
-                    try:
-                        socket.send(_PING)
-                    except Exception:
-                        self.server.logger.exception("ping to %s failed", socket.sid)
-        finally:
-            self.greenlet = None
-
-    def stop(self) -> None:
-        self.due.clear()
-        if self.greenlet is not None:
-            self.greenlet.kill(block=False)
-
-
-class EngineSocket(Socket):
+class EngineSocket(PollingBounds, Socket):
     """An engineio socket that writes its websocket frames itself (see the module)."""
 
     writer = None        # a FrameWriter once the socket is on websocket
@@ -206,7 +176,8 @@ class EngineSocket(Socket):
     def send(self, pkt):
         writer = self.writer
         if writer is None:
-            return super().send(pkt)
+            super().send(pkt)                          # engineio's queue
+            return self.queued_packet(len(websocket_frame(pkt)))
         if not self.closed:
             writer.write(websocket_frame(pkt))
 
@@ -248,28 +219,23 @@ class EngineSocket(Socket):
             # another websocket server: engineio's own handler, writer greenlet and all
             return super()._websocket_handler(ws)
         server = self.server
+        # engineio checks a message's size once it is whole; this stops reading it at the cap
+        cap = MessageCap(websocket, server.max_http_buffer_size, self.sid)
 
         def websocket_wait():
             data = ws.wait()
-            if data and len(data) > server.max_http_buffer_size:
-                raise ValueError("packet is too large")
+            cap.reset()
             return data
 
         if self.connected:
-            # an upgrade from polling: the probe, as engineio does it
+            # an upgrade from polling, within the handshake timeout: a client that opens a
+            # websocket and says nothing holds its greenlet no longer
             self.upgrading = True
-            pkt = eio_packet.Packet(encoded_packet=websocket_wait())
-            if pkt.packet_type != eio_packet.PING or pkt.data != "probe":
-                self.upgrading = False
-                return []
-            ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
-            self.queue.put(eio_packet.Packet(eio_packet.NOOP))     # ends the pending poll
-            pkt = eio_packet.Packet(encoded_packet=websocket_wait())
-            if pkt.packet_type != eio_packet.UPGRADE:
-                self.upgrading = False
-                return []
-            self.upgraded = True
+            with gevent.Timeout(server.handshake_timeout, False):
+                self.upgraded = self._probe(ws, websocket_wait)
             self.upgrading = False
+            if not self.upgraded:
+                return []
         else:
             self.connected = True
             self.upgraded = True
@@ -310,22 +276,33 @@ class EngineSocket(Socket):
             self._websocket = None
         return []
 
-    def _overflowed(self, waiting: int) -> None:
-        logger.warning(
-            "%s: client too slow, %d bytes waiting for it (max_send_backlog is %d): "
-            "disconnected", self.sid, waiting, self.server.max_send_backlog)
+    def _probe(self, ws, websocket_wait) -> bool:
+        """An upgrade's probe, as engineio does it: True once the client sent its upgrade."""
+        pkt = eio_packet.Packet(encoded_packet=websocket_wait())
+        if pkt.packet_type != eio_packet.PING or pkt.data != "probe":
+            return False
+        ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+        self.queue.put(eio_packet.Packet(eio_packet.NOOP))     # ends the pending poll
+        return eio_packet.Packet(encoded_packet=websocket_wait()).packet_type == \
+            eio_packet.UPGRADE
+
 
 
 class EngineServer(engineio.Server):
     """``engineio.Server`` whose websocket connections are `EngineSocket`s.
 
-    :param max_send_backlog: bytes that may wait for one slow websocket client before it
-        is disconnected. Every other parameter is engineio's.
+    :param max_send_backlog: bytes that may wait for one slow client before it is
+        disconnected.
+    :param handshake_timeout: seconds a client has to finish an upgrade to websocket.
+
+    Every other parameter is engineio's.
     """
 
-    def __init__(self, *args, max_send_backlog: int = defaults.MAX_SEND_BACKLOG, **kwargs):
+    def __init__(self, *args, max_send_backlog: int = defaults.MAX_SEND_BACKLOG,
+                 handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_send_backlog = max_send_backlog
+        self.handshake_timeout = handshake_timeout
         self.pinger = Pinger(self)
 
     def shutdown(self):
@@ -374,10 +351,33 @@ class EngineServer(engineio.Server):
 class IoSocketServer(socketio.Server):
     """A ``socketio.Server`` on `EngineServer`: what an io-node runs by default. Pass one
     of your own to `IoNode` (the seed's ``makeIoServer``) to keep its options; a plain
-    ``socketio.Server`` works too, with engineio's heavier connections."""
+    ``socketio.Server`` works too, with engineio's heavier connections.
+
+    :param max_attachments: binary attachments one message may announce; a client that
+        announces more is disconnected. Other parameters are python-socketio's and
+        `EngineServer`'s.
+    """
+
+    def __init__(self, *args, max_attachments: int = defaults.MAX_ATTACHMENTS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_attachments = max_attachments
 
     def _engineio_server_class(self):
         return EngineServer
+
+    def _handle_eio_message(self, eio_sid, data):
+        # python-socketio keeps every attachment a message announces (up to 10 digits of
+        # them) until the last arrives: the count is checked before it starts
+        count = attachment_count(data)
+        if count > self.max_attachments:
+            logger.warning("%s: a message announcing %d attachments (max_attachments is %d): "
+                           "disconnected; it began %s", eio_sid, count, self.max_attachments,
+                           shown(data))
+            sock = self.eio.sockets.get(eio_sid)
+            if sock is not None:         # no waiting for a polling client to come for it
+                sock.close(wait=False, reason=self.eio.reason.SERVER_DISCONNECT)
+            return
+        super()._handle_eio_message(eio_sid, data)
 
 
 # ---- what the io-node and the app need of python-socketio's and engineio's insides --------

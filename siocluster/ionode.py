@@ -32,6 +32,7 @@ from .entry import listen_error
 from .envelope import RESERVED_EVENTS, Envelope
 from .inbox import Inbox
 from .ioclient import Client, safe_environ, same_host_origins
+from .listener import IoServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
 from .streams import CommandStreams
@@ -82,7 +83,9 @@ class IoNode(CommandApplier, Node):
                        "max_http_buffer_size": 2 * c.max_message_size + 64 * 1024,
                        # our handlers never block on events, so spare a greenlet per event
                        "async_handlers": False,
-                       "max_send_backlog": c.max_send_backlog}
+                       "max_send_backlog": c.max_send_backlog,
+                       "handshake_timeout": c.handshake_timeout,
+                       "max_attachments": c.max_attachments}
             options.update(server_options)
             sio = IoSocketServer(**options)
         self.sio = sio
@@ -155,14 +158,19 @@ class IoNode(CommandApplier, Node):
         self.stopping.wait()
 
     def start_server(self, address=None, **server_options):
-        """Start listening (websocket and polling) without blocking; returns the server."""
-        from gevent import pywsgi
-        from geventwebsocket.handler import WebSocketHandler
-
-        address = address or (self.config.http_host, self.config.http_port)
-        options = {"handler_class": WebSocketHandler, "log": None}
+        """Start listening (websocket and polling; https and wss when ``CERTFILE`` is set)
+        without blocking; returns the server, an `IoServer` holding at most
+        ``MAX_CONNECTIONS`` connections, ``MAX_CONNECTIONS_PER_ADDRESS`` from one address,
+        each given ``HANDSHAKE_TIMEOUT`` to send a request. ``server_options`` go to it.
+        A certificate that cannot be loaded raises a `ConfigError`."""
+        c = self.config
+        address = address or (c.http_host, c.http_port)
+        options = {"max_connections": c.max_connections,
+                   "max_connections_per_address": c.max_connections_per_address,
+                   "handshake_timeout": c.handshake_timeout, "certfile": c.certfile,
+                   "keyfile": c.keyfile}
         options.update(server_options)
-        self._server = pywsgi.WSGIServer(address, self, **options)
+        self._server = IoServer(address, self, **options)
         # gevent-websocket upgrades before the application runs: without this hook a
         # websocket handshake from a foreign origin would be upgraded, then closed
         self._server.pre_start_hook = self._refuse_upgrade
@@ -180,6 +188,7 @@ class IoNode(CommandApplier, Node):
         info = super().info()
         host, port = (self.address or (self.config.http_host, self.config.http_port))[:2]
         info.update(internal=host, port=port, external=self.config.public_host or host)
+        info["tls"] = bool(self.config.certfile)      # clients must use https and wss
         info["clients"] = len(self.clients)
         return info
 
@@ -386,7 +395,7 @@ class IoNode(CommandApplier, Node):
 
 
 def main(argv=None) -> None:
-    from .config import Config
+    from .config import Config, ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import argparse
@@ -402,6 +411,8 @@ def main(argv=None) -> None:
     # listening before registering: the frontend-node lists registered io-nodes to browsers
     try:
         node.start_server()
+    except ConfigError as exc:       # a certificate that cannot be loaded: names the files
+        raise SystemExit(f"io-node: {exc}")
     except OSError as exc:
         raise SystemExit(listen_error("io-node", exc, config.http_host, config.http_port))
     node.start()

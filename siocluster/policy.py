@@ -16,6 +16,7 @@ import logging
 from typing import Iterable, List, Optional
 
 import gevent
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from . import defaults
@@ -51,9 +52,11 @@ class PolicyServer(StreamServer):
     :param timeout: seconds a client has to send its whole request before it is dropped.
     :param max_request: bytes a request may take; a client sending more is cut off.
 
-    Anything other than the request is answered with nothing. Other keyword arguments go
-    to `StreamServer` (``spawn=Pool(1000)`` bounds concurrent clients). `start()`,
-    `stop()`, `serve_forever()` and `address` are the `StreamServer`'s own.
+    Anything other than the request is answered with nothing. At most the config's
+    ``POLICY_MAX_CONNECTIONS`` clients are served at once (a ``gevent.pool.Pool``); more
+    wait, unaccepted, until one is done, which takes at most ``timeout``. Other keyword
+    arguments go to `StreamServer` (``spawn=`` replaces the pool). `start()`, `stop()`,
+    `serve_forever()`, `full()` and `address` are the `StreamServer`'s own.
     """
 
     def __init__(self, listener=None, ports: Optional[Iterable[int]] = None,
@@ -62,6 +65,9 @@ class PolicyServer(StreamServer):
         config = as_config(config)
         if listener is None:
             listener = (config.http_host, defaults.POLICY_PORT)
+        # each client holds a greenlet up to `timeout`: without a pool, a flood of silent
+        # connections would hold as many as it opens
+        kwargs.setdefault("spawn", Pool(config.policy_max_connections))
         super().__init__(listener, **kwargs)
         self.ports: List[int] = list(ports or [s.port for s in config.io_servers])
         if not self.ports:

@@ -8,6 +8,12 @@ gunicorn's gevent worker patches the standard library before it loads the applic
 Set ``SIOCLUSTER_HTTP_PORT`` (and ``SIOCLUSTER_PUBLIC_HOST``) to the address browsers use,
 since the io-node advertises it in the registry the frontend-node lists. One worker per
 io-node: each worker would be an io-node of its own, with clients the others cannot see.
+
+gunicorn's own server listens here, so ``MAX_CONNECTIONS``, ``MAX_CONNECTIONS_PER_ADDRESS``
+and the request part of ``HANDSHAKE_TIMEOUT`` (`siocluster.listener`) do not apply: bound
+connections with ``--worker-connections``. For TLS give gunicorn ``--certfile`` and
+``--keyfile``, and set ``SIOCLUSTER_CERTFILE`` to the same file so that the io-node
+advertises itself as TLS (``"tls": true`` in the registry); the files are gunicorn's to load.
 """
 
 import atexit

@@ -1,0 +1,168 @@
+"""What the io-node's Engine.IO connections need besides engineio's own code, with no private
+name of any dependency: one greenlet for every connection's pings, and the bounds on what a
+client may make the io-node hold: packets waiting for a polling client, a websocket message
+being read, the attachments a binary message announces.
+
+`siocluster.engine` uses these; nothing here is needed to run an io-node by hand.
+"""
+
+import collections
+import logging
+import struct
+import time
+
+import gevent
+from engineio import packet as eio_packet
+from geventwebsocket.exceptions import WebSocketError
+
+_PING = eio_packet.Packet(eio_packet.PING)
+CLOSE_TOO_BIG = 1009       # RFC 6455: a message too big to process
+SHOWN = 100                # characters of a client's input repeated in the log
+
+logger = logging.getLogger("siocluster.io-node")
+
+
+class Pinger:
+    """Sends the pings of every connection of a server from one greenlet. Every socket
+    waits the same interval, so a FIFO keeps them in the order they fall due."""
+
+    def __init__(self, server):
+        self.server = server
+        self.due = collections.deque()
+        self.greenlet = None
+
+    def schedule(self, socket) -> None:
+        self.due.append((time.monotonic() + self.server.ping_interval, socket))
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        due = self.due
+        try:
+            while due:
+                when, socket = due[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    gevent.sleep(delay)
+                    continue
+                due.popleft()
+                if not socket.closing and not socket.closed:
+                    socket.last_ping = time.time()
+                    try:
+                        socket.send(_PING)
+                    except Exception:
+                        self.server.logger.exception("ping to %s failed", socket.sid)
+        finally:
+            self.greenlet = None
+
+    def stop(self) -> None:
+        self.due.clear()
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+
+
+class PollingBounds:
+    """For an engineio ``Socket``: bounds on what waits in its queue for a polling client.
+
+    engineio's queue has no bound of its own, and a polling client that sends pongs unasked
+    is never timed out while it no longer comes for its packets. With this mixin a client
+    is cut off (as a websocket client too slow to read) once the packets waiting pass the
+    server's ``max_send_backlog`` bytes, and timed out (as a client that stops answering
+    pings) when packets have waited ``ping_timeout`` seconds with no request for them. The
+    socket's ``send`` calls `queued_packet` for each packet it queues.
+    """
+
+    queued = 0           # bytes waiting in the queue since the last request took them
+    polled = None        # when a request last took them (monotonic); None while one waits
+
+    def queued_packet(self, size: int) -> None:
+        """Count ``size`` bytes more waiting; past ``max_send_backlog``, cut the client off."""
+        if self.closing or self.closed:
+            return
+        self.queued += size
+        if self.queued > self.server.max_send_backlog:
+            self._overflowed(self.queued)
+            self.close(wait=False, abort=True)
+
+    def poll(self):
+        self.polled = None          # a request waits: what is sent goes out at once
+        try:
+            return super().poll()
+        finally:
+            self.queued = 0         # engineio took every packet waiting, without yielding
+            self.polled = time.monotonic()
+
+    def check_ping_timeout(self):
+        polled = self.polled
+        if (polled is not None and self.queued and not (self.upgrading or self.upgraded)
+                and not self.closing and time.monotonic() - polled > self.server.ping_timeout):
+            logger.info("%s: no request for its packets in %ss (ping_timeout): disconnected",
+                        self.sid, self.server.ping_timeout)
+            self.close(wait=False, abort=True, reason=self.server.reason.PING_TIMEOUT)
+            return False
+        return super().check_ping_timeout()
+
+    def _overflowed(self, waiting: int) -> None:
+        logger.warning(
+            "%s: client too slow, %d bytes waiting for it (max_send_backlog is %d): "
+            "disconnected", self.sid, waiting, self.server.max_send_backlog)
+
+
+class MessageTooBig(WebSocketError):
+    """A client's websocket message, still being read, passed the size limit."""
+
+
+class MessageCap:
+    """Bounds the bytes of one websocket message as gevent-websocket assembles it.
+
+    gevent-websocket reads a frame's whole payload as its header announces it, and appends
+    fragments until the final one, with no limit: engineio's size check comes only once the
+    message is complete. This counts every payload before it is read; past ``limit`` bytes
+    in one message the connection is closed with 1009 and nothing more is read::
+
+        cap = MessageCap(websocket, limit, sid)    # then, after each message read:
+        cap.reset()
+    """
+
+    def __init__(self, websocket, limit: int, label: str):
+        self.websocket, self.limit, self.label = websocket, limit, label
+        self.read = websocket.raw_read      # only payloads go through it, headers do not
+        self.taken = 0
+        websocket.raw_read = self.raw_read
+
+    def reset(self) -> None:
+        """A message was read whole: the next one starts from nothing."""
+        self.taken = 0
+
+    def raw_read(self, count: int):
+        self.taken += count
+        if self.taken > self.limit:
+            logger.warning("%s: websocket message of more than %d bytes (max_http_buffer_size): "
+                           "closed with %d", self.label, self.limit, CLOSE_TOO_BIG)
+            # gevent-websocket's close() would send the close frame without the code (0.10
+            # writes the reason alone); receive() cleans up as close() does once this raises
+            websocket = self.websocket
+            websocket.send_frame(struct.pack("!H", CLOSE_TOO_BIG) + b"message too big",
+                                 websocket.OPCODE_CLOSE)
+            websocket.closed = True
+            # gevent-websocket ends the read as for a connection lost: receive() gives None
+            raise MessageTooBig(f"more than {self.limit} bytes")
+        return self.read(count)
+
+
+def attachment_count(data) -> int:
+    """The attachments a Socket.IO packet announces: ``5<count>-...`` (a binary event) or
+    ``6<count>-...`` (a binary ack); 0 for any other packet."""
+    if not isinstance(data, str) or data[:1] not in ("5", "6"):
+        return 0
+    # python-socketio reads at most 10 digits (more, it refuses the packet itself)
+    dash = data.find("-", 1, 13)
+    count = data[1:dash] if dash > 1 else ""
+    return int(count) if count.isascii() and count.isdigit() else 0
+
+
+def shown(value) -> str:
+    """A client's input as it may be repeated: at most `SHOWN` characters of it (of its
+    repr, when it is not a string); as `siocluster.ionode.shown`."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
