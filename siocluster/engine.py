@@ -40,11 +40,11 @@ from engineio.socket import Socket
 from socketio import packet as sio_packet
 
 from . import defaults
-from .transport import MessageCap, Pinger, PollingBounds, attachment_count, shown
+from .ioclient import shown
+from .transport import MessageCap, Pinger, PollingBounds, attachment_count
 
 # the versions this module was written and tested against (setup.cfg pins the same ranges)
 TESTED_WITH = {"python-engineio": "4.15", "python-socketio": "5.18", "gevent-websocket": "0.10"}
-
 TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)      # the standard library's, gevent's
 # engineio's own logger stays quiet unless asked (engineio_logger=True); a slow client cut
 # off is the io-node's news

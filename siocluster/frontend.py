@@ -81,20 +81,24 @@ class Frontend:
         """The io-nodes a browser may use; raises `RedisError` or `OSError` when Redis is down.
 
         An empty or wildcard external host (``0.0.0.0``, ``::``) becomes ``request_host``,
-        the name the browser used to reach this frontend-node.
+        the name the browser used to reach this frontend-node. An io-node that serves TLS
+        itself is listed as ``https``; the others with the scheme of the browser's request
+        (``https`` behind a proxy that ends TLS for them).
         """
         if self.config.io_servers:
             servers = [s.public() for s in self.config.io_servers]
         else:
             live = self.state.nodes(role="io-node").values()
             # a node registers before it listens; until then it has no port to offer
-            servers = sorted({(i.get("external") or "", i["port"]) for i in live if i.get("port")})
-            servers = [{"host": host, "port": port} for host, port in servers]
+            servers = sorted({(i.get("external") or "", i["port"], bool(i.get("tls")))
+                              for i in live if i.get("port")})
+            servers = [{"host": host, "port": port, "tls": tls} for host, port, tls in servers]
         for server in servers:
             if is_wildcard(server["host"]):
                 server["host"] = request_host
             host = f"[{server['host']}]" if ":" in server["host"] else server["host"]
-            server["url"] = f"{scheme}://{host}:{server['port']}"
+            server["url"] = f"{'https' if server.pop('tls', False) else scheme}://{host}:" \
+                            f"{server['port']}"
         return servers
 
     def client_config(self) -> Optional[dict]:

@@ -9,6 +9,16 @@ origins a connection is accepted from (`same_host_origins`).
 import time
 from urllib.parse import urlsplit
 
+SHOWN = 100   # characters of a client's input repeated back in errors and in the log
+
+
+def shown(value) -> str:
+    """A client's input as it may be repeated back: at most `SHOWN` characters of it (of its
+    repr, when it is not a string)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
 # The part of a WSGI environ that travels to app-nodes with a connect: JSON-safe strings only.
 ENVIRON_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "QUERY_STRING", "PATH_INFO", "SERVER_NAME",
                 "SERVER_PORT", "SERVER_PROTOCOL", "REQUEST_METHOD")

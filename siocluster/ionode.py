@@ -31,8 +31,8 @@ from .engine import IoSocketServer
 from .entry import listen_error
 from .envelope import RESERVED_EVENTS, Envelope
 from .inbox import Inbox
-from .ioclient import Client, safe_environ, same_host_origins
-from .listener import IoServer
+from .ioclient import Client, safe_environ, same_host_origins, shown
+from .listener import IoHttpServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
 from .streams import CommandStreams
@@ -43,16 +43,6 @@ GONE = "the connection closed while it was being accepted"
 REAPED = "io-node taken for dead"
 RESERVED = "event name reserved for the connection's lifecycle: use another name"
 MALFORMED = "malformed event: its name must be a string"
-SHOWN = 100   # characters of a client's input repeated back in errors and in the log
-
-
-def shown(value) -> str:
-    """A client's input as it may be repeated back: at most `SHOWN` characters of it (of its
-    repr, when it is not a string)."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
-
-
 class IoNode(CommandApplier, Node):
     """An io-node around a python-socketio server in gevent mode.
 
@@ -159,7 +149,7 @@ class IoNode(CommandApplier, Node):
 
     def start_server(self, address=None, **server_options):
         """Start listening (websocket and polling; https and wss when ``CERTFILE`` is set)
-        without blocking; returns the server, an `IoServer` holding at most
+        without blocking; returns the server, an `IoHttpServer` holding at most
         ``MAX_CONNECTIONS`` connections, ``MAX_CONNECTIONS_PER_ADDRESS`` from one address,
         each given ``HANDSHAKE_TIMEOUT`` to send a request. ``server_options`` go to it.
         A certificate that cannot be loaded raises a `ConfigError`."""
@@ -170,7 +160,7 @@ class IoNode(CommandApplier, Node):
                    "handshake_timeout": c.handshake_timeout, "certfile": c.certfile,
                    "keyfile": c.keyfile}
         options.update(server_options)
-        self._server = IoServer(address, self, **options)
+        self._server = IoHttpServer(address, self, **options)
         # gevent-websocket upgrades before the application runs: without this hook a
         # websocket handshake from a foreign origin would be upgraded, then closed
         self._server.pre_start_hook = self._refuse_upgrade

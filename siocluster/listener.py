@@ -1,6 +1,6 @@
 """The io-node's listening server: gevent's WSGI server with gevent-websocket, bounded.
 
-`IoServer` is what `IoNode.start_server` runs (and so ``python -m siocluster.ionode``).
+`IoHttpServer` is what `IoNode.start_server` runs (and so ``python -m siocluster.ionode``).
 Beyond gevent's own server it
 
 - holds at most ``max_connections`` connections at once, ``max_connections_per_address``
@@ -79,7 +79,7 @@ class Handler(WebSocketHandler):
             self.deadline.close()   # the application's time (a websocket's life) is its own
 
 
-class IoServer(pywsgi.WSGIServer):
+class IoHttpServer(pywsgi.WSGIServer):
     """gevent's ``WSGIServer`` for an io-node (see the module).
 
     :param listener: ``(host, port)`` or a listening socket.

@@ -17,7 +17,6 @@ from geventwebsocket.exceptions import WebSocketError
 
 _PING = eio_packet.Packet(eio_packet.PING)
 CLOSE_TOO_BIG = 1009       # RFC 6455: a message too big to process
-SHOWN = 100                # characters of a client's input repeated in the log
 
 logger = logging.getLogger("siocluster.io-node")
 
@@ -159,10 +158,3 @@ def attachment_count(data) -> int:
     dash = data.find("-", 1, 13)
     count = data[1:dash] if dash > 1 else ""
     return int(count) if count.isascii() and count.isdigit() else 0
-
-
-def shown(value) -> str:
-    """A client's input as it may be repeated: at most `SHOWN` characters of it (of its
-    repr, when it is not a string); as `siocluster.ionode.shown`."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= SHOWN else text[:SHOWN] + "..."

@@ -309,19 +309,21 @@ def test_every_private_name_engine_py_relies_on_is_there():
 
     relied_on = {
         Socket: ["_websocket_handler", "send", "close", "schedule_ping", "receive",
-                 "handle_get_request", "poll"],
+                 "handle_get_request", "poll", "check_ping_timeout"],
         engineio.Server: ["_handle_connect", "_trigger_event", "_upgrades", "_unauthorized",
                           "_ok", "_bad_request", "_generate_sid_cookie", "_service_task",
                           "_cors_allowed_origins", "generate_id", "start_background_task"],
-        socketio.Server: ["_engineio_server_class", "_handle_event_internal", "_send_packet"],
+        socketio.Server: ["_engineio_server_class", "_handle_event_internal", "_send_packet",
+                          "_handle_eio_message"],
         socketio.Namespace: ["_set_server", "trigger_event"],
         Header: ["unmask_payload"],
-        WebSocket: ["raw_write", "close"],
+        WebSocket: ["raw_write", "raw_read", "send_frame", "OPCODE_CLOSE", "closed", "close"],
     }
     missing = [f"{owner.__module__}.{owner.__name__}.{name}"
                for owner, names in relied_on.items() for name in names
                if not hasattr(owner, name)]
     assert missing == []
+    assert hasattr(eio_packet.Packet(eio_packet.MESSAGE, b"x"), "binary")
     # the overridden and called ones keep the signatures engine.py was written for
     assert list(inspect.signature(engineio.Server._handle_connect).parameters) == [
         "self", "environ", "start_response", "transport", "jsonp_index"]

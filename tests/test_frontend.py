@@ -163,3 +163,17 @@ def test_unreachable_redis_gives_503_not_a_traceback():
     assert "cannot reach Redis" in as_json.get_json()["error"]
     for text in (body, as_json.get_data(as_text=True)):
         assert "Traceback" not in text and str(redis_port) not in text
+
+
+def test_an_io_node_serving_tls_is_listed_as_https(cluster, config):
+    from siocluster.state import ClusterState, Keys
+
+    state = ClusterState(config.redis_client(), Keys(config.prefix))
+    state.heartbeat("io-node-tls", {"id": "io-node-tls", "role": "io-node", "port": 8443,
+                                    "external": "chat.example.com", "tls": True}, 30)
+    state.heartbeat("io-node-plain", {"id": "io-node-plain", "role": "io-node", "port": 8081,
+                                      "external": "chat.example.com", "tls": False}, 30)
+    client = flask_app(config).test_client()
+    response = client.get("/config.json", base_url="http://chat.example.com:8080/")
+    assert sorted(s["url"] for s in response.get_json()["ioServers"]) == [
+        "http://chat.example.com:8081", "https://chat.example.com:8443"]
