@@ -129,8 +129,8 @@ class Config:
                                "events per second per connection (0: unlimited)")
     rate_burst: int = _field(defaults.RATE_BURST, "events a connection may send at once")
     max_send_backlog: int = _field(defaults.MAX_SEND_BACKLOG,
-                                   "io-node: bytes waiting for one slow websocket client "
-                                   "before it is disconnected")
+                                   "io-node: bytes waiting for one slow client (websocket "
+                                   "or polling) before it is disconnected")
     outbox_max_bytes: int = _field(defaults.OUTBOX_MAX_BYTES,
                                    "io-node: bytes of client messages buffered while Redis "
                                    "is away")

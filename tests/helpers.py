@@ -26,6 +26,22 @@ def wait_until(predicate, timeout=5.0, interval=0.01, message="condition not met
         gevent.sleep(interval)
 
 
+def hold_listener(io_node):
+    """Hold an io-node's listener between two reads of the command streams, so that one read
+    finds everything the test writes meanwhile; returns the gate that lets it read."""
+    real_xread = io_node.redis.xread
+    gate, waiting = gevent.event.Event(), gevent.event.Event()
+
+    def xread(*args, **kwargs):
+        waiting.set()
+        gate.wait(10)
+        return real_xread(*args, **kwargs)
+
+    io_node.redis.xread = xread
+    assert waiting.wait(5), "the io-node's listener did not read"
+    return gate
+
+
 class EventClient:
     """A real python-socketio client that keeps every event it receives, in order."""
 

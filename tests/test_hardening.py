@@ -19,7 +19,7 @@ from siocluster import App, AppNode
 from siocluster.app import HANDLER_FAILED, UNHANDLED_NAMESPACE
 from siocluster.ionode import MALFORMED, NO_VERDICT, RESERVED
 from siocluster.state import ClusterState, Keys
-from tests.helpers import EventClient, wait_until
+from tests.helpers import EventClient, hold_listener, wait_until
 
 
 def refusal_of(cluster, io, **connect):
@@ -327,17 +327,7 @@ def test_entries_of_both_streams_in_one_millisecond_apply_in_the_order_written(
     cluster.app_node(readme_app([]))
     client = cluster.client(io, auth={"name": "ann"})
     keys = Keys(cluster.config.prefix)
-    real_xread = io.redis.xread
-    gate, waiting = gevent.event.Event(), gevent.event.Event()
-
-    def xread(*args, **kwargs):
-        waiting.set()
-        gate.wait(10)
-        return real_xread(*args, **kwargs)
-
-    # hold the listener between reads, so that one read finds the entries of both streams
-    io.redis.xread = xread
-    assert waiting.wait(5), "the io-node's listener did not read"
+    gate = hold_listener(io)        # so that one read finds the entries of both streams
     for n in range(3):
         # the same id in both streams, as two writes in one millisecond get; the sequence
         # number says the io-node's own stream was written first

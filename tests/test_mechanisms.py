@@ -24,7 +24,6 @@ import time
 import types
 import uuid
 
-import gevent.event
 import pytest
 import redis
 import requests
@@ -34,7 +33,7 @@ from siocluster import App, AppNode, ioclient
 from siocluster.envelope import Envelope, emit_command, encode_batch
 from siocluster.ioclient import Client, same_host_origins
 from siocluster.state import ClusterState, Keys
-from tests.helpers import wait_until
+from tests.helpers import hold_listener, wait_until
 
 NO_ANSWER = "no answer from the app in time"
 RATE_LIMITED = "rate limit exceeded, slow down"
@@ -222,17 +221,7 @@ def test_an_ack_past_ack_timeout_is_answered_not_ok_rather_than_dropped(cluster)
 
 def test_the_two_command_streams_are_applied_in_entry_id_order(cluster, redis_client):
     io, client = connected_client(cluster)
-    real_xread = io.redis.xread
-    gate, waiting = gevent.event.Event(), gevent.event.Event()
-
-    def xread(*args, **kwargs):
-        waiting.set()
-        gate.wait(10)
-        return real_xread(*args, **kwargs)
-
-    # hold the listener between reads, so one read finds every entry of both streams
-    io.redis.xread = xread
-    assert waiting.wait(5), "the io-node's listener did not read"
+    gate = hold_listener(io)        # so that one read finds every entry of both streams
     base = int(time.time() * 1000) + 60_000       # past anything either stream holds
     streams = [io.keys.commands, io.keys.node_commands(io.id)]
     for n in range(8):
