@@ -139,7 +139,7 @@ class App:
 
     def _node(self):
         context = current()
-        if context is not None:
+        if context is not None and context.node.app is self:
             return context.node
         if self.node is None:
             raise RuntimeError("this App is not attached to an app-node: run it with "
