@@ -352,12 +352,22 @@ class IoNode(CommandApplier, Node):
         here; each client's disconnect is pushed once, whoever pushes it."""
         super().reaped()
         clients, self.clients = self.clients, {}
+        envelopes = [Envelope("disconnect", client.namespace, client.sid, self.id,
+                              self.get_client_info(client), reason=REAPED)
+                     for client in clients.values()]
         pipe = self.redis.pipeline(transaction=False)
-        for client in clients.values():
-            envelope = Envelope("disconnect", client.namespace, client.sid, self.id,
-                                self.get_client_info(client), reason=REAPED)
-            self.inbox.push_disconnect(self.id, client.sid, envelope.encode(), pipe)
-        pipe.execute()
+        for envelope in envelopes:
+            self.inbox.push_disconnect(self.id, envelope.sid, envelope.encode(), pipe)
+        try:
+            pipe.execute()
+        except REDIS_DOWN:
+            # Redis went away again: through the outbox, pushed once it is back; a client
+            # the reaper handled may then be told twice (at least once, as everywhere)
+            self.logger.warning("io-node %s: Redis went away while it told the app tier of "
+                                "%d client(s); they wait in the outbox", self.id,
+                                len(envelopes))
+            for envelope in envelopes:
+                self.send_to_app(envelope)
         for eio_sid in {client.eio_sid for client in clients.values()}:
             try:
                 self.sio.eio.disconnect(eio_sid)
