@@ -5,7 +5,9 @@ import time
 
 import gevent
 import gevent.event
+import requests
 import socketio
+import websocket
 
 
 def free_port() -> int:
@@ -40,6 +42,31 @@ def hold_listener(io_node):
     io_node.redis.xread = xread
     assert waiting.wait(5), "the io-node's listener did not read"
     return gate
+
+
+def handshake(io_node, origin=None, host=None):
+    """The first request of a polling client, as a browser sends it; returns the response."""
+    headers = {"Origin": origin} if origin else {}
+    if host:
+        headers["Host"] = host
+    return requests.get(f"http://127.0.0.1:{io_node.address[1]}/socket.io/",
+                        params={"EIO": "4", "transport": "polling"}, headers=headers,
+                        timeout=5)
+
+
+def websocket_handshake(io_node, origin, host=None):
+    """A websocket handshake as a browser sends it; returns the HTTP status."""
+    options = {"host": host} if host else {}
+    try:
+        ws = websocket.create_connection(
+            f"ws://127.0.0.1:{io_node.address[1]}/socket.io/?EIO=4&transport=websocket",
+            origin=origin, timeout=5, **options)
+    except websocket.WebSocketBadStatusException as exc:
+        return exc.status_code
+    try:
+        return 101 if ws.recv().startswith("0{") else "upgraded, then closed"
+    finally:
+        ws.close()
 
 
 class EventClient:

@@ -26,14 +26,12 @@ import uuid
 
 import pytest
 import redis
-import requests
-import websocket
 
 from siocluster import App, AppNode, ioclient
 from siocluster.envelope import Envelope, emit_command, encode_batch
 from siocluster.ioclient import Client, same_host_origins
 from siocluster.state import ClusterState, Keys
-from tests.helpers import hold_listener, wait_until
+from tests.helpers import handshake, hold_listener, wait_until, websocket_handshake
 
 NO_ANSWER = "no answer from the app in time"
 RATE_LIMITED = "rate limit exceeded, slow down"
@@ -115,25 +113,12 @@ def test_the_default_origin_check_matches_the_host_exactly_not_by_suffix():
 
 def test_a_handshake_from_a_host_that_only_ends_like_the_io_nodes_gets_a_400(cluster):
     io = cluster.io_node()
-    port = io.address[1]
 
     def polling(origin):
-        return requests.get(f"http://127.0.0.1:{port}/socket.io/",
-                            params={"EIO": "4", "transport": "polling"},
-                            headers={"Host": "example.com", "Origin": origin},
-                            timeout=5).status_code
+        return handshake(io, origin, host="example.com").status_code
 
     def ws(origin):
-        try:
-            conn = websocket.create_connection(
-                f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket",
-                host="example.com", origin=origin, timeout=5)
-        except websocket.WebSocketBadStatusException as exc:
-            return exc.status_code
-        try:
-            return 101 if conn.recv().startswith("0{") else "upgraded, then closed"
-        finally:
-            conn.close()
+        return websocket_handshake(io, origin, host="example.com")
 
     # the page's host is the io-node's, another port: let in
     assert polling("http://example.com:8080") == 200

@@ -14,13 +14,11 @@ import gevent
 import gevent.event
 import gevent.queue
 import pytest
-import requests
-import websocket
 
 from siocluster import App, Config
 from siocluster.outbox import NOT_TEXT
 from tests.conftest import Cluster, RedisServer
-from tests.helpers import EventClient, free_port, wait_until
+from tests.helpers import EventClient, free_port, handshake, wait_until, websocket_handshake
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "siocluster"
@@ -36,28 +34,6 @@ def echo_app(log=None):
         return {"echo": data}
 
     return app, log
-
-
-def handshake(io_node, origin=None):
-    """The first request of a polling client, as a browser sends it."""
-    headers = {"Origin": origin} if origin else {}
-    return requests.get(f"http://127.0.0.1:{io_node.address[1]}/socket.io/",
-                        params={"EIO": "4", "transport": "polling"}, headers=headers,
-                        timeout=5)
-
-
-def websocket_handshake(io_node, origin):
-    """A websocket handshake as a browser sends it; returns the HTTP status."""
-    try:
-        ws = websocket.create_connection(
-            f"ws://127.0.0.1:{io_node.address[1]}/socket.io/?EIO=4&transport=websocket",
-            origin=origin, timeout=5)
-    except websocket.WebSocketBadStatusException as exc:
-        return exc.status_code
-    try:
-        return 101 if ws.recv().startswith("0{") else "upgraded, then closed"
-    finally:
-        ws.close()
 
 
 # ---- CORS -----------------------------------------------------------------------------------
