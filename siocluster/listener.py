@@ -26,6 +26,7 @@ import socket
 import time
 
 import gevent
+import gevent.pool
 from gevent import pywsgi
 from gevent import ssl as gevent_ssl
 from geventwebsocket.handler import WebSocketHandler
@@ -34,6 +35,7 @@ from . import defaults
 from .errors import ConfigError
 
 LOG_INTERVAL = 60.0     # seconds during which one address's refusals are logged once
+REFUSALS_AT_ONCE = 100  # refused connections answered with a 503 at once; more are closed
 REFUSAL_GRACE = 1.0     # seconds a refused client has to read its 503
 FULL = "this io-node holds as many connections as it may: try another, or again shortly"
 TOO_MANY = "too many connections from your address: close some first"
@@ -113,6 +115,7 @@ class IoHttpServer(pywsgi.WSGIServer):
         self.handshake_timeout = handshake_timeout
         self.connections = 0
         self.by_address = collections.Counter()
+        self.refusals = gevent.pool.Pool(REFUSALS_AT_ONCE)   # 503 answers being written
         self.logged = {}                    # what was refused -> when it was last logged
         self.logged_since = time.monotonic()
 
@@ -151,10 +154,12 @@ class IoHttpServer(pywsgi.WSGIServer):
                            "more such refusals are not logged for a minute", host, reason,
                            self.connections, self.by_address[host], self.max_connections,
                            self.max_connections_per_address)
-        if self.ssl_enabled:
+        if self.ssl_enabled or self.refusals.full():
+            # no TLS handshake spent on it; nor more answers at once than the pool holds,
+            # so a flood of refused connections cannot grow the io-node either
             sock.close()
         else:
-            gevent.spawn(answer_refused, sock, reason)
+            self.refusals.spawn(answer_refused, sock, reason)
 
 
 def answer_refused(sock, reason: str) -> None:

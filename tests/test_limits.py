@@ -214,6 +214,30 @@ def test_connections_past_the_cap_are_refused_until_some_close(cluster):
             sock.close()
 
 
+def test_refused_connections_answered_at_once_are_bounded_too(cluster, monkeypatch):
+    from siocluster import listener
+
+    monkeypatch.setattr(listener, "REFUSALS_AT_ONCE", 2)
+    io = cluster.io_node(max_connections=1)
+    held = hold(io, 1)
+    try:
+        wait_until(lambda: io._server.connections == 1, message="connection not counted")
+        # refused clients that never read their answer: two are answered (and wait for the
+        # client for a moment), the others closed at once, so a flood holds no more
+        refused = hold(io, 6)
+        answers = []
+        for sock in refused:
+            answers.append(sock.recv(4096))
+            assert len(io._server.refusals) <= 2
+        assert sum(1 for answer in answers if answer.startswith(b"HTTP/1.1 503")) == 2
+        assert answers.count(b"") == 4
+        for sock in refused:
+            sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_one_address_is_capped_and_its_refusals_logged_once(cluster, caplog):
     io = cluster.io_node(max_connections_per_address=2)
     held = hold(io, 2)
