@@ -21,6 +21,8 @@ import redis
 from siocluster import AppNode, Config, IoNode
 from tests.helpers import EventClient, free_port, wait_until
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class RedisServer:
     """A redis-server of the test session's own, on a free loopback port."""
@@ -149,6 +151,14 @@ def own_cluster(durable_redis):
     cluster = Cluster(config)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def node_env(config):
+    """The environment of a node run as its users run it, in this test's cluster."""
+    return dict(os.environ, PYTHONPATH=ROOT, SIOCLUSTER_REDIS_URL=config.redis_url,
+                SIOCLUSTER_PREFIX=config.prefix, SIOCLUSTER_HEARTBEAT_INTERVAL="0.3",
+                SIOCLUSTER_NODE_TTL="1.5")
 
 
 @pytest.fixture

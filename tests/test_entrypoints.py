@@ -1,15 +1,13 @@
 """The nodes as their users run them: `python -m ...` and gunicorn, in subprocesses."""
 
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.helpers import EventClient, free_port, wait_until
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Process:
@@ -29,12 +27,12 @@ class Process:
         return self.proc.returncode, out
 
 
-@pytest.fixture
-def node_env(config):
-    env = dict(os.environ, PYTHONPATH=ROOT, SIOCLUSTER_REDIS_URL=config.redis_url,
-               SIOCLUSTER_PREFIX=config.prefix, SIOCLUSTER_HEARTBEAT_INTERVAL="0.3",
-               SIOCLUSTER_NODE_TTL="1.5")
-    return env
+def gunicorn_io_node(port, env, *options):
+    """An io-node under gunicorn's gevent-websocket worker, as the README runs it."""
+    return Process([sys.executable, "-m", "gunicorn", "-k",
+                    "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+                    *options, "-b", f"127.0.0.1:{port}", "siocluster.wsgi:application"],
+                   dict(env, SIOCLUSTER_HTTP_PORT=str(port)))
 
 
 def _live(config, role):
@@ -74,10 +72,7 @@ def test_python_m_ionode_and_appnode(config, node_env):
 def test_gunicorn_runs_an_io_node(config, node_env):
     pytest.importorskip("gunicorn")
     port = free_port()
-    env = dict(node_env, SIOCLUSTER_HTTP_PORT=str(port))
-    gunicorn = Process([sys.executable, "-m", "gunicorn", "-k",
-                        "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
-                        "-b", f"127.0.0.1:{port}", "siocluster.wsgi:application"], env)
+    gunicorn = gunicorn_io_node(port, node_env)
     app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"], node_env)
     try:
         wait_until(lambda: _live(config, "app-node"), timeout=20, message="no app-node")

@@ -2,7 +2,6 @@
 --certfile: python-socketio's client on both transports, the official client in Chromium."""
 
 import contextlib
-import os
 import shutil
 import socket
 import ssl
@@ -13,18 +12,11 @@ import pytest
 import requests
 
 from siocluster import App
+from tests.conftest import ROOT
 from tests.helpers import EventClient, free_port, wait_until
-from tests.test_entrypoints import ROOT, Process, _live
+from tests.test_entrypoints import Process, _live, gunicorn_io_node
 from tests.test_limits import closed_by_server
 from tests.test_security import _openssl
-
-
-@pytest.fixture
-def node_env(config):
-    """The environment of a node run as its users run it, in this test's cluster."""
-    return dict(os.environ, PYTHONPATH=ROOT, SIOCLUSTER_REDIS_URL=config.redis_url,
-                SIOCLUSTER_PREFIX=config.prefix, SIOCLUSTER_HEARTBEAT_INTERVAL="0.3",
-                SIOCLUSTER_NODE_TTL="1.5")
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +119,7 @@ def test_gunicorn_with_certfile(config, node_env, certificate):
     pytest.importorskip("gunicorn")
     certfile, keyfile = certificate
     port = free_port()
-    env = dict(node_env, SIOCLUSTER_HTTP_PORT=str(port))
-    gunicorn = Process([sys.executable, "-m", "gunicorn", "-k",
-                        "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
-                        "--certfile", certfile, "--keyfile", keyfile,
-                        "-b", f"127.0.0.1:{port}", "siocluster.wsgi:application"], env)
+    gunicorn = gunicorn_io_node(port, node_env, "--certfile", certfile, "--keyfile", keyfile)
     app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"], node_env)
     try:
         wait_until(lambda: _live(config, "app-node"), timeout=20, message="no app-node")
