@@ -358,11 +358,7 @@ class AppNode(Node):
             self._more = True
             return
         self._more = results[-1] > 0
-        dropped = sum(results[position] for position in dead_letters)
-        if dropped:
-            self.logger.warning("app-node %s: the dead-letter list is at its bound (DEAD_MAXLEN "
-                                "%d): %d of its oldest records dropped", self.id,
-                                self.config.dead_maxlen, dropped)
+        self.inbox.dropped(sum(results[position] for position in dead_letters))
 
     def _settle(self, done: List[Finish]) -> None:
         """After the round trip: count what was handled, forget clients that left."""

@@ -222,12 +222,18 @@ class Inbox:
     def dead_letter(self, pipe, record: dict) -> int:
         """Add to ``pipe``: a record of a message given up on (``error``, ``raw``, ...).
         Returns the position of its reply in the pipeline: how many old records were
-        dropped to keep the list's bound."""
+        dropped to keep the list's bound (for `dropped`)."""
         position = len(pipe)
         self._dead(keys=[self.keys.dead],
                    args=[self._record({**record, "ts": time.time()}), self.dead_maxlen],
                    client=pipe)
         return position
+
+    def dropped(self, count: int) -> None:
+        """Say that ``count`` old dead letters were dropped to keep the list's bound."""
+        if count:
+            logger.warning("the dead-letter list is at its bound (DEAD_MAXLEN %d): %d of its "
+                           "oldest records dropped", self.dead_maxlen, count)
 
     def _record(self, record: dict) -> str:
         """A dead-letter record as stored: its message cut to ``dead_record_size`` bytes."""
@@ -284,7 +290,5 @@ class Inbox:
                 args += [raw, envelope.encode(), "inbox"]
         inbox, dead, dropped = self._move(keys=[source, self.keys.inbox, self.keys.dead],
                                           args=args)
-        if dropped:
-            logger.warning("the dead-letter list is at its bound (DEAD_MAXLEN %d): %d of its "
-                           "oldest records dropped", self.dead_maxlen, dropped)
+        self.dropped(dropped)
         return inbox, dead
