@@ -41,12 +41,16 @@ def main(argv=None) -> None:
     parser.add_argument("--redis-url", help="use socketio.RedisManager on this Redis")
     parser.add_argument("--channel", default="socketio", help="RedisManager's channel")
     args = parser.parse_args(argv)
+    serve(make_server(args.redis_url, args.channel), args.host, args.port)
+
+
+def serve(sio: socketio.Server, host: str, port: int) -> None:
+    """Serve ``sio`` under gevent's WSGI server with gevent-websocket until SIGTERM."""
     raise_file_limit()
-    sio = make_server(args.redis_url, args.channel)
-    server = pywsgi.WSGIServer((args.host, args.port), socketio.WSGIApp(sio),
+    server = pywsgi.WSGIServer((host, port), socketio.WSGIApp(sio),
                                handler_class=WebSocketHandler, log=None)
     server.start()
-    print(f"listening on {args.host}:{args.port}", flush=True)
+    print(f"listening on {host}:{port}", flush=True)
     shutdown = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, shutdown.set)
     gevent.signal_handler(signal.SIGINT, shutdown.set)
