@@ -1,13 +1,15 @@
 """``python -m bench`` (``make bench``): siocluster and its baselines, side by side.
 
 Starts its own redis-server, each system in turn (siocluster's io-nodes and app-nodes;
-one python-socketio process; two python-socketio processes sharing a RedisManager) and
-load generator processes, runs the scenarios, prints a table and writes every figure with
-the command and the machine to ``bench/results/bench-<time>.json``::
+one python-socketio process; two python-socketio processes sharing a RedisManager; for the
+chat scenario, two Node socket.io processes with the Redis adapter too) and load generator
+processes, runs the scenarios, prints a table and writes every figure with the command and
+the machine to ``bench/results/bench-<time>.json``::
 
-    python -m bench                      # the full run: about 10 minutes on 2 cores
+    python -m bench                      # the full run: about 14 minutes on 2 cores
     python -m bench --quick              # tiny sizes: checks that it works
     python -m bench --scenarios echo,fanout --systems siocluster,single
+    python -m bench --scenarios chat --systems siocluster,redismanager,node
 
 BENCHMARKS.md says what each figure means.
 """
@@ -21,19 +23,28 @@ import tempfile
 import time
 
 from bench import report, scenarios
-from bench.report import REDISMANAGER, SINGLE, SIOCLUSTER
+from bench.report import NODE, REDISMANAGER, SINGLE, SIOCLUSTER
 from bench.systems import (
     ROOT,
     BenchError,
     Generators,
     Redis,
+    node_ready,
+    node_versions,
     raise_file_limit,
     start_baseline,
     start_cluster,
+    start_node,
+    start_run_cluster,
 )
 
-SCENARIOS = ("redis", "echo", "fanout", "connections")
-SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER}
+SCENARIOS = ("redis", "echo", "fanout", "chat", "connections")
+SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER,
+                "node": NODE}
+# the systems each scenario runs on, of those chosen with --systems
+ECHO_SYSTEMS = (SIOCLUSTER, SINGLE, REDISMANAGER)
+CHAT_SYSTEMS = (SIOCLUSTER, REDISMANAGER, NODE)
+CONNECTION_SYSTEMS = (SIOCLUSTER, SINGLE)
 
 FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "echo_rounds": 2, "rooms": 30,
         "fanout_start": 100.0, "fanout_factor": 1.5, "fanout_steps": 20, "fanout_refine": 2,
@@ -63,17 +74,21 @@ def parse_args(argv=None):
     sizes.add_argument("--echo-clients", type=int, help="clients in the echo scenario")
     sizes.add_argument("--echo-rounds", type=int,
                        help="times each system's echo is measured (the best counts)")
-    sizes.add_argument("--rooms", type=int, help="chat rooms of 10 clients")
+    sizes.add_argument("--rooms", type=int, help="chat rooms of 10 clients (fan-out and chat)")
     sizes.add_argument("--fanout-start", type=float,
-                       help="messages in per second of the first fan-out step")
+                       help="messages in per second of the first fan-out (and chat) step")
     sizes.add_argument("--fanout-factor", type=float, help="rate growth per step")
     sizes.add_argument("--fanout-steps", type=int, help="most steps up")
     sizes.add_argument("--fanout-refine", type=int,
                        help="steps between the last rate held and the first missed")
+    sizes.add_argument("--npm-timeout", type=float, default=300.0,
+                       help="seconds `npm ci` may take to fetch the Node baseline's packages")
     sizes.add_argument("--connections", type=int, help="idle connections to open")
     sizes.add_argument("--redis-requests", type=int, help="redis-benchmark requests per test")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"),
                         help="directory of the JSON result")
+    parser.add_argument("--logs", help="keep every process's log in a directory of this one "
+                                       "(default: thrown away with the run)")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -118,7 +133,7 @@ def run(args, logdir: str) -> dict:
     results = {"command": "python -m bench " + shlex.join(sys.argv[1:]),
                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                "load_average_before": list(os.getloadavg()), "settings": {
-                   k: v for k, v in vars(args).items() if k != "out"},
+                   k: v for k, v in vars(args).items() if k not in ("out", "logs")},
                "systems": {name: {} for name in args.systems}}
     generators = Generators.start(args.generators, logdir)
     try:
@@ -127,11 +142,15 @@ def run(args, logdir: str) -> dict:
             if "redis" in args.scenarios:
                 say("redis-benchmark: the raw Redis ceiling")
                 results["redis_ceiling"] = scenarios.redis_ceiling(redis, args.redis_requests)
-        if "echo" in args.scenarios or "fanout" in args.scenarios:
+        if ("echo" in args.scenarios or "fanout" in args.scenarios) and \
+                any(name in ECHO_SYSTEMS for name in args.systems):
             compare(args, logdir, generators, results)
+        if "chat" in args.scenarios and any(name in CHAT_SYSTEMS for name in args.systems):
+            chat(args, logdir, generators, results)
         if "connections" in args.scenarios:
             for name in args.systems:
-                if name != REDISMANAGER:   # its processes are the single process's
+                # RedisManager's processes are the single process's
+                if name in CONNECTION_SYSTEMS:
                     results["systems"][name]["connections"] = connections(
                         name, args, logdir, generators)
     finally:
@@ -147,7 +166,7 @@ def compare(args, logdir: str, generators: Generators, results: dict) -> None:
     """Echo and fan-out with every system running at once, measured in turns."""
     started, targets = [], []
     try:
-        for name in args.systems:
+        for name in [n for n in args.systems if n in ECHO_SYSTEMS]:
             system, redis = start_system(name, logdir, args)
             started.append((system, redis))
             targets.append(scenarios.Target(system, redis, generators))
@@ -172,6 +191,58 @@ def compare(args, logdir: str, generators: Generators, results: dict) -> None:
             system.stop()
             if redis is not None:
                 redis.stop()
+
+
+def chat(args, logdir: str, generators: Generators, results: dict) -> None:
+    """The example chat on siocluster as `make run-cluster` runs it, on python-socketio
+    with RedisManager (`bench.chat_baseline`) and on Node's socket.io with the Redis adapter
+    (bench/node), every system running at once and measured in turns. Node's packages are
+    fetched from the npm registry first; without node or npm, or when that fails, Node is
+    skipped with the reason in the results."""
+    names = [n for n in args.systems if n in CHAT_SYSTEMS]
+    node = None
+    if NODE in names:
+        say("chat: fetching the Node baseline's packages (npm ci in bench/node) unless there")
+        try:
+            node = node_ready(logdir, timeout=args.npm_timeout)
+            results["machine"]["node"] = node_versions(node)
+        except BenchError as exc:
+            say(f"chat: Node socket.io skipped: {exc}")
+            results["systems"][NODE]["chat"] = {"skipped": str(exc)}
+            names.remove(NODE)
+    if not names:
+        return
+    started, targets = [], []
+    try:
+        for name in names:
+            redis = Redis.start(logdir, tag=f"chat-{name}")
+            try:
+                if name == SIOCLUSTER:
+                    system = start_run_cluster(redis, logdir)
+                elif name == REDISMANAGER:
+                    system = start_baseline(logdir, processes=2, redis=redis,
+                                            tag="chat-redismanager",
+                                            module="bench.chat_baseline")
+                else:
+                    system = start_node(redis, logdir, node)
+            except BaseException:
+                redis.stop()
+                raise
+            started.append((system, redis))
+            targets.append(scenarios.Target(system, redis, generators))
+            results["systems"][name]["chat_processes"] = {
+                role: len(pids) for role, pids in system.pids().items()}
+        say(f"chat: {args.rooms} rooms of 10 on each system ({', '.join(names)}), in turns")
+        for name, figures in scenarios.chat(
+                targets, args.rooms, args.fanout_start, args.fanout_factor, args.fanout_steps,
+                args.fanout_refine, args.warmup, args.duration).items():
+            results["systems"][name]["chat"] = figures
+        for system, _ in started:
+            system.check()
+    finally:
+        for system, redis in started:
+            system.stop()
+            redis.stop()
 
 
 def connections(name: str, args, logdir: str, generators: Generators) -> dict:
@@ -215,16 +286,31 @@ def _derive(results: dict) -> None:
     ceiling["bound"], ceiling["measured"] = bound, measured
 
 
+def _keep(logdir: str, dest: str) -> None:
+    """Copy the processes' logs of this run to ``dest``/<time>/ (the data of the
+    redis-servers stays behind)."""
+    import shutil
+
+    target = os.path.join(dest, time.strftime("%Y%m%d-%H%M%S"))
+    shutil.copytree(logdir, target, ignore=shutil.ignore_patterns("*-data"))
+    print(f"logs: {target}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     raise_file_limit()
     os.makedirs(args.out, exist_ok=True)
+    if args.logs:
+        os.makedirs(args.logs, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="siocluster-bench-") as logdir:
         try:
             results = run(args, logdir)
         except BenchError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
+        finally:
+            if args.logs:
+                _keep(logdir, args.logs)
     path = os.path.join(args.out, f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
@@ -234,6 +320,14 @@ def main(argv=None) -> int:
     print(f"command: {results['command']}")
     print(f"load generator: {args.generators} processes; siocluster: {args.io_nodes} io-nodes, "
           f"{args.app_nodes} app-node(s) of {args.workers} workers")
+    chat = {name: figures["chat_processes"] for name, figures in results["systems"].items()
+            if "chat_processes" in figures}
+    if chat:
+        print("chat: " + "; ".join(
+            f"siocluster as make run-cluster runs it ({p['io-node']} io-nodes, {p['app-node']} "
+            "app-nodes with their default workers, example_chat.app:app)"
+            if name == SIOCLUSTER else f"{name}: {p['server']} processes"
+            for name, p in chat.items()))
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*results["load_average_before"])
           + ", after: {:.2f} {:.2f} {:.2f}".format(*results["load_average_after"]))
     print()
@@ -245,6 +339,8 @@ def main(argv=None) -> int:
     print("\n[goals]")
     print(report.goals_table(results["goals"]))
     for line in report.ladder_warnings(results):
+        print(f"note: {line}")
+    for line in report.skipped(results):
         print(f"note: {line}")
     print(f"\nall figures: {os.path.relpath(path)}")
     return 0

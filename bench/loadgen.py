@@ -8,6 +8,10 @@ JSON line on stdout; its clients keep answering pings between commands::
     {"op": "echo", "group": "a", "start_at": t, "warmup": 1, "duration": 5, "rate": 0}
     {"op": "fanout", "group": "a", "start_at": t, "warmup": 1, "duration": 5, "rate": 400,
      "step": 1}
+    {"op": "connect", "group": "c", "urls": [...], "first": 0, "count": 100, "room_size": 10,
+     "join": "chat"}
+    {"op": "chat", "group": "c", "start_at": t, "warmup": 1, "duration": 5, "rate": 400,
+     "step": 1}
     {"op": "quiet"}  {"op": "close", "group": "a"}  {"op": "quit"}
 
 A group is the clients of one system: several systems can hold connected clients at once,
@@ -225,14 +229,17 @@ class Generator:
     def __init__(self):
         self.groups: Dict[str, List[RawClient]] = {}
         self.last_event = time.monotonic()
-        self.chat = None             # the fan-out step being measured, or None
+        self.fanning = None             # the fan-out step being measured, or None
+        self.said = None             # the example chat's step being measured, or None
 
     # ---- connecting -----------------------------------------------------------------------
 
     def connect(self, urls, first, count, room_size=0, concurrency=100, timeout=30.0,
-                group="default"):
+                group="default", join="room"):
         """Open ``count`` clients (global numbers from ``first``), spread over ``urls``;
-        with ``room_size`` each joins room ``number // room_size``."""
+        with ``room_size`` each joins room ``number // room_size``: ``join`` "room" by the
+        bench's handler (``join "room-N"``), "chat" by the example chat's (``join {name,
+        room}``, its ack ``{ok: true, ...}``)."""
         started = time.monotonic()
         errors: List[str] = []
         made: List[RawClient] = []
@@ -243,8 +250,15 @@ class Generator:
                 client.connect(timeout)
                 if room_size:
                     client.room = f"room-{number // room_size}"
-                    client.call("join", client.room, timeout)
-            except Exception as exc:
+                    if join == "chat":
+                        raw = client.call("join", {"name": f"user-{number}", "room": client.room},
+                                          timeout)
+                        answer = json.loads(raw[raw.index("["):])[0]
+                        if not answer.get("ok"):
+                            raise ProtocolError(f"join refused: {raw[:200]}")
+                    else:
+                        client.call("join", client.room, timeout)
+            except (Exception, gevent.Timeout) as exc:      # a Timeout is no Exception
                 client.close()
                 errors.append(f"{exc.__class__.__name__}: {exc}")
                 return
@@ -335,7 +349,7 @@ class Generator:
         process in all; deliveries of messages sent in the window are timed."""
         begin = start_at + warmup
         end = begin + duration
-        chat = self.chat = {"step": step, "begin": begin, "end": end, "hist": Histogram(),
+        chat = self.fanning = {"step": step, "begin": begin, "end": end, "hist": Histogram(),
                             "delivered": 0, "in_window": 0, "last": time.monotonic()}
         sent = {"window": 0, "all": 0}
 
@@ -351,15 +365,70 @@ class Generator:
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline and time.monotonic() - chat["last"] < quiet:
             gevent.sleep(0.05)
-        self.chat = None
+        self.fanning = None
         return {"sent": sent["window"], "sent_all": sent["all"], "delivered": chat["delivered"],
                 "delivered_in_window": chat["in_window"], "hist": chat["hist"].to_json(),
+                "duration": duration}
+
+    # ---- the example chat: every member says something at a rate, the room hears it -------
+
+    def chat(self, start_at, warmup, duration, rate, step, drain=5.0, quiet=0.5,
+             group="default"):
+        """Every client sends ``say {text}`` (with an ack, as the chat's page does), ``rate``
+        messages per second from this process in all; the text starts with the send time and
+        the step (``"<time.time()> <step> hello room..."``), which each ``said`` received
+        gives back: deliveries of messages sent in the window are timed."""
+        begin = start_at + warmup
+        end = begin + duration
+        said = self.said = {"step": str(step), "begin": begin, "end": end, "hist": Histogram(),
+                            "delivered": 0, "in_window": 0, "last": time.monotonic()}
+        counts = {"sent": 0, "sent_all": 0, "acked": 0, "refused": 0}
+        refusals: List[str] = []
+
+        def on_ack(raw):
+            answer = json.loads(raw[raw.index("["):])
+            if answer and isinstance(answer[0], dict) and answer[0].get("ok") is True:
+                counts["acked"] += 1
+            else:
+                counts["refused"] += 1
+                if len(refusals) < 3:
+                    refusals.append(raw[:200])
+
+        def send(client, n, now):
+            counts["sent_all"] += 1
+            if begin <= now < end:
+                counts["sent"] += 1
+            client.emit("say", {"text": f"{now!r} {step} {CHAT_TEXT}"}, on_ack)
+
+        self._paced(self.groups.get(group, []), rate, start_at, end, send)
+        deadline = time.monotonic() + drain
+        while time.monotonic() < deadline and time.monotonic() - said["last"] < quiet:
+            gevent.sleep(0.05)
+        self.said = None
+        return {**counts, "unanswered": counts["sent_all"] - counts["acked"] - counts["refused"],
+                "refusals": refusals, "delivered": said["delivered"],
+                "delivered_in_window": said["in_window"], "hist": said["hist"].to_json(),
                 "duration": duration}
 
     def _on_event(self, client, message):
         now = time.time()
         self.last_event = time.monotonic()
-        chat = self.chat
+        if message.startswith('42["said"'):
+            said = self.said
+            if said is None:
+                return
+            sent_at, step, _ = json.loads(message[2:])[1]["text"].split(" ", 2)
+            if step != said["step"]:
+                return
+            said["last"] = self.last_event
+            if said["begin"] <= now < said["end"]:
+                said["in_window"] += 1
+            sent_at = float(sent_at)
+            if said["begin"] <= sent_at < said["end"]:
+                said["delivered"] += 1
+                said["hist"].add(now - sent_at)
+            return
+        chat = self.fanning
         if chat is None or not message.startswith('42["chat"'):
             return
         data = json.loads(message[2:])[1]

@@ -18,7 +18,8 @@ from bench.systems import ROOT
 PACKAGES = ("siocluster", "python-socketio", "python-engineio", "gevent", "gevent-websocket",
             "redis", "websocket-client")
 SIOCLUSTER, SINGLE, REDISMANAGER = "siocluster", "single process", "RedisManager"
-SYSTEMS = (SIOCLUSTER, SINGLE, REDISMANAGER)
+NODE = "Node socket.io"
+SYSTEMS = (SIOCLUSTER, SINGLE, REDISMANAGER, NODE)
 
 
 def _read(path: str) -> str:
@@ -108,13 +109,50 @@ ROWS = [
 ]
 
 
+# the chat scenario runs on systems of its own (siocluster as make run-cluster runs it, the
+# chat on RedisManager, Node's socket.io): a table of its own
+CHAT_ROWS = [
+    ("example chat: join, say, said (rooms of 10, p99 < 100 ms, nothing lost)", None),
+    ("messages in/s held", ("chat", "best_held", "in_per_s")),
+    ("deliveries/s held", ("chat", "best_held", "out_per_s")),
+    ("p50 ms delivery at that rate", ("chat", "best_held", "p50_ms")),
+    ("p99 ms delivery at that rate", ("chat", "best_held", "p99_ms")),
+    ("deliveries/s, highest step", ("chat", "peak_out_per_s")),
+    ("CPU us per message in: io-nodes", ("chat", "best_held", "cpu_us_per_message", "io-node")),
+    ("CPU us per message in: app-nodes",
+     ("chat", "best_held", "cpu_us_per_message", "app-node")),
+    ("CPU us per message in: servers", ("chat", "best_held", "cpu_us_per_message", "server")),
+    ("CPU us per message in: redis-server",
+     ("chat", "best_held", "cpu_us_per_message", "redis-server")),
+    ("CPU us per message in: all of the system",
+     ("chat", "best_held", "cpu_us_per_message", "system")),
+    ("CPU us per message in: load generator",
+     ("chat", "best_held", "cpu_us_per_message", "load generator")),
+    ("Redis commands per message in", ("chat", "best_held", "redis_per_message", "total")),
+    ("machine cores busy", ("chat", "best_held", "window", "machine_cores")),
+    ("  of which other work's", ("chat", "best_held", "window", "other_cores")),
+]
+
+
 def table(results: dict) -> str:
-    systems = [s for s in SYSTEMS if s in results["systems"]]
+    """The side-by-side table: echo, fan-out and connections, then the example chat."""
+    blocks = [_table(results, ROWS), _table(results, CHAT_ROWS)]
+    return "\n\n".join(block for block in blocks if block)
+
+
+def _table(results: dict, spec: list) -> str:
+    """``spec``'s rows for the systems that have a figure in them, siocluster's as ratios
+    to the others'; empty when none has."""
+    paths = [path for _, path in spec if path is not None]
+    systems = [s for s in SYSTEMS if s in results["systems"]
+               and any(_get(results["systems"][s], *path) is not None for path in paths)]
+    if not systems:
+        return ""
     header = ["", *systems]
     if SIOCLUSTER in systems:
         header += [f"vs {s}" for s in systems if s != SIOCLUSTER]
     rows: List[List[str]] = []
-    for label, path in ROWS:
+    for label, path in spec:
         if path is None:
             rows.append([f"[{label}]"])
             continue
@@ -129,7 +167,9 @@ def table(results: dict) -> str:
     # a heading without figures under it (a scenario not run) goes
     rows = [row for n, row in enumerate(rows)
             if len(row) > 1 or (n + 1 < len(rows) and len(rows[n + 1]) > 1)]
-    widths = [max(len(r[i]) for r in [header, *rows] if len(r) > i) for i in range(len(header))]
+    # headings stand on lines of their own: they do not widen the first column
+    widths = [max(len(r[i]) for r in [header, *rows] if len(r) > max(i, 1))
+              for i in range(len(header))]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
                        enumerate(zip(header, widths)))]
     for row in rows:
@@ -196,7 +236,25 @@ def goals_table(items: List[dict]) -> str:
 
 
 def ladder_warnings(results: dict) -> List[str]:
-    """A line for each system whose fan-out never missed a step (raise --fanout-steps)."""
-    return [f"{name}: fan-out held every step up to the last; its figures are a lower bound "
+    """A line for each system whose fan-out or chat never missed a step (raise
+    --fanout-steps)."""
+    return [f"{name}: {label} held every step up to the last; its figures are a lower bound "
             f"(raise --fanout-steps)" for name, figures in results["systems"].items()
-            if _get(figures, "fanout", "ladder_exhausted")]
+            for label, key in (("fan-out", "fanout"), ("chat", "chat"))
+            if _get(figures, key, "ladder_exhausted")]
+
+
+def skipped(results: dict) -> List[str]:
+    """A line for each system a scenario skipped (Node without node or its packages), and
+    for each whose chat held no step."""
+    lines = []
+    for name, figures in results["systems"].items():
+        reason = _get(figures, "chat", "skipped")
+        if reason:
+            lines.append(f"{name}: chat skipped: {reason}")
+        elif _get(figures, "chat", "steps") and not _get(figures, "chat", "best_held"):
+            first = figures["chat"]["steps"][0]
+            lines.append(f"{name}: chat held no step (the first: {_fmt(first['in_per_s'])} "
+                         f"messages in/s, p99 {_fmt(first['p99_ms'])} ms, {first['lost']:,} "
+                         f"lost, acks {first['acks']})")
+    return lines

@@ -76,8 +76,9 @@ def _split(total: int, parts: int) -> List[int]:
 
 
 def connect(generators: Generators, urls: List[str], clients: int, room_size: int = 0,
-            concurrency: int = 100, group: str = "default") -> dict:
-    """Open ``clients`` connections over the generators, numbered so rooms stay whole."""
+            concurrency: int = 100, group: str = "default", join: str = "room") -> dict:
+    """Open ``clients`` connections over the generators, numbered so rooms stay whole;
+    ``join`` is how a client joins its room (the loadgen's ``connect``)."""
     counts = _split(clients, len(generators))
     if room_size:
         # whole rooms per generator, so room numbers are not shared between generators
@@ -87,7 +88,8 @@ def connect(generators: Generators, urls: List[str], clients: int, room_size: in
     started = time.monotonic()
     replies = generators.each("connect", [
         {"urls": urls, "first": first, "count": count, "room_size": room_size,
-         "concurrency": concurrency, "group": group} for first, count in zip(firsts, counts)],
+         "concurrency": concurrency, "group": group, "join": join}
+        for first, count in zip(firsts, counts)],
         timeout=600)
     connected = sum(r["connected"] for r in replies)
     errors = [e for r in replies for e in r["errors"]]
@@ -107,6 +109,17 @@ def _percentiles(hist: Histogram) -> dict:
         value = hist.percentile(p)
         return round(value * 1000, 3) if math.isfinite(value) else None
     return {"p50_ms": ms(50), "p99_ms": ms(99)}
+
+
+def cpu_per_message(window: dict, messages: int) -> Dict[str, float]:
+    """Microseconds of CPU per client message, by group of processes, over a window, and
+    in all but the load generator (``system``: the system under test and its Redis)."""
+    if not messages:
+        return {}
+    per = {group: round(cores * window["seconds"] * 1e6 / messages, 1)
+           for group, cores in window["cores"].items()}
+    per["system"] = round(sum(v for group, v in per.items() if group != "load generator"), 1)
+    return per
 
 
 def per_message(calls: Dict[str, int], messages: int) -> dict:
@@ -129,9 +142,9 @@ class Target:
         self.groups = process_groups(system, generators, redis)
         self.opened: Optional[dict] = None
 
-    def connect(self, clients: int, room_size: int = 0) -> dict:
+    def connect(self, clients: int, room_size: int = 0, join: str = "room") -> dict:
         self.opened = connect(self.generators, self.system.urls, clients, room_size=room_size,
-                              group=self.name)
+                              group=self.name, join=join)
         if self.opened["connected"] < clients:
             raise BenchError(f"only {self.opened['connected']} of {clients} clients could "
                              f"connect to {self.name}: {self.opened['errors']}")
@@ -278,11 +291,22 @@ def fanout(targets: List[Target], rooms: int, start_rate: float, factor: float,
     between the last rate held and the first missed. The systems take their steps in
     turns, so the noise of a shared machine falls on all of them alike."""
     clients = rooms * ROOM_SIZE
-    results, steppers = {}, {}
+    results = {}
     for target in targets:
         results[target.name] = {"rooms": rooms, "room_size": ROOM_SIZE, "clients": clients,
                                 "connect": target.connect(clients, room_size=ROOM_SIZE)}
-        steppers[target.name] = _Stepper(start_rate, factor, max_steps, refine)
+    _climb(targets, results, fanout_step, start_rate, factor, max_steps, refine, warmup,
+           duration)
+    return results
+
+
+def _climb(targets: List[Target], results: Dict[str, dict], step_fn, start_rate: float,
+           factor: float, max_steps: int, refine: int, warmup: float, duration: float) -> None:
+    """Each target's rate ladder (`_Stepper`), the targets taking their steps in turns;
+    ``step_fn(target, rate, step, warmup, duration)`` measures one step. Closes the
+    targets' clients, and adds the steps and the best held to ``results``."""
+    steppers = {target.name: _Stepper(start_rate, factor, max_steps, refine)
+                for target in targets}
     step = 0
     try:
         while not all(s.done for s in steppers.values()):
@@ -291,7 +315,7 @@ def fanout(targets: List[Target], rooms: int, start_rate: float, factor: float,
                 if stepper.done:
                     continue
                 step += 1
-                stepper.record(fanout_step(target, stepper.rate, step, warmup, duration))
+                stepper.record(step_fn(target, stepper.rate, step, warmup, duration))
     finally:
         for target in targets:
             target.close()
@@ -302,6 +326,47 @@ def fanout(targets: List[Target], rooms: int, start_rate: float, factor: float,
                        peak_out_per_s=max(s["out_per_s"] for s in steps), steps=steps,
                        # never missed a step: "held" is what the ladder allowed, not a limit
                        ladder_exhausted=steppers[name].bad is None)
+
+
+# ---- the example chat -----------------------------------------------------------------------
+
+def chat_step(target: Target, rate: float, step: int, warmup: float, duration: float) -> dict:
+    """One step of the example chat: every member says something, ``rate`` messages per
+    second in all. Held when the generators sent at least 95% of the rate, nothing was lost
+    and the p99 delivery latency is under 100 ms."""
+    target.generators.run("quiet")
+    replies, window = target.timed("chat", warmup, duration, target.commands(rate, step=step))
+    sent = sum(r["sent"] for r in replies)
+    delivered = sum(r["delivered"] for r in replies)
+    hist = Histogram.merged(r["hist"] for r in replies)
+    lost = max(0, sent * ROOM_SIZE - delivered)
+    hist.add_lost(lost)
+    result = {"target_in_per_s": round(rate, 1), "in_per_s": round(sent / duration, 1),
+              "out_per_s": round(sum(r["delivered_in_window"] for r in replies) / duration, 1),
+              **_percentiles(hist), "lost": lost,
+              "acks": {key: sum(r[key] for r in replies)
+                       for key in ("acked", "refused", "unanswered")},
+              "refusals": [x for r in replies for x in r["refusals"]][:3],
+              "window": window, "cpu_us_per_message": cpu_per_message(window, sent),
+              "redis_per_message": per_message(window["redis_calls"], sent)}
+    p99 = hist.percentile(99)
+    result["held"] = bool(sent >= HELD_SEND_RATIO * rate * duration and lost == 0
+                          and p99 < LATENCY_GOAL)
+    return result
+
+
+def chat(targets: List[Target], rooms: int, start_rate: float, factor: float, max_steps: int,
+         refine: int, warmup: float, duration: float) -> Dict[str, dict]:
+    """The example chat's own protocol on each system: rooms of ten, members spread over
+    the system's servers, each joining with ``join {name, room}``, then every member saying
+    something (``say {text}``) at a rate that climbs as fan-out's does."""
+    clients = rooms * ROOM_SIZE
+    results = {}
+    for target in targets:
+        results[target.name] = {"rooms": rooms, "room_size": ROOM_SIZE, "clients": clients,
+                                "connect": target.connect(clients, room_size=ROOM_SIZE,
+                                                          join="chat")}
+    _climb(targets, results, chat_step, start_rate, factor, max_steps, refine, warmup, duration)
     return results
 
 

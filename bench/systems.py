@@ -226,20 +226,28 @@ class System:
 
 
 def start_cluster(redis: Redis, logdir: str, io_nodes: int = 2, app_nodes: int = 1,
-                  workers: int = 32, tag: str = "cluster") -> System:
-    """siocluster: io-nodes and app-nodes as their users run them (``python -m``)."""
+                  workers: Optional[int] = 32, tag: str = "cluster", app: str = "bench.apps:app",
+                  rate_limit: Optional[float] = 0, io_options: Optional[List[str]] = None) -> \
+        System:
+    """siocluster: io-nodes and app-nodes as their users run them (``python -m``), the
+    app-nodes running ``app``; ``workers`` and ``rate_limit`` None leave siocluster's
+    defaults, ``io_options`` are more flags for the io-nodes."""
     from siocluster.state import ClusterState, Keys
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    common = ["--redis-url", redis.url, "--prefix", prefix, "--rate-limit", "0"]
+    common = ["--redis-url", redis.url, "--prefix", prefix]
+    if rate_limit is not None:
+        common += ["--rate-limit", f"{rate_limit:g}"]
     io_procs, urls = [], []
     for n in range(io_nodes):
         port = free_port()
         io_procs.append(Proc(f"{tag}-io-node-{n}", python(
-            "siocluster.ionode", "--host", "127.0.0.1", "--port", str(port), *common), logdir))
+            "siocluster.ionode", "--host", "127.0.0.1", "--port", str(port), *common,
+            *(io_options or [])), logdir))
         urls.append(f"ws://127.0.0.1:{port}")
+    app_args = ["--workers", str(workers)] if workers is not None else []
     app_procs = [Proc(f"{tag}-app-node-{n}", python(
-        "siocluster.appnode", "bench.apps:app", "--workers", str(workers), *common), logdir)
+        "siocluster.appnode", app, *app_args, *common), logdir)
         for n in range(app_nodes)]
     for proc, url in zip(io_procs, urls):
         wait_for_port(int(url.rsplit(":", 1)[1]), proc)
@@ -255,21 +263,105 @@ def start_cluster(redis: Redis, logdir: str, io_nodes: int = 2, app_nodes: int =
     return System("siocluster", urls, {"io-node": io_procs, "app-node": app_procs})
 
 
+def start_run_cluster(redis: Redis, logdir: str, tag: str = "chat") -> System:
+    """siocluster as ``make run-cluster`` runs it (``python -m siocluster.cluster``'s
+    defaults): its io-nodes, app-nodes and app, with the flags the runner gives them and
+    siocluster's defaults for the rest (app-node workers, rate limit). The runner's policy
+    server and frontend-node are left out: no chat message goes through them."""
+    from siocluster.cluster import argument_parser, frontend_origins
+
+    options = argument_parser({}).parse_args([])
+    origins = ",".join(frontend_origins(options.host, options.frontend_port))
+    return start_cluster(redis, logdir, io_nodes=len(options.io_ports),
+                         app_nodes=options.app_nodes, workers=None, tag=tag, app=options.app,
+                         rate_limit=None, io_options=["--cors-allowed-origins", origins])
+
+
 def start_baseline(logdir: str, processes: int = 1, redis: Optional[Redis] = None,
-                   tag: str = "single") -> System:
-    """python-socketio: one process, or ``processes`` sharing a ``RedisManager``."""
+                   tag: str = "single", module: str = "bench.baseline") -> System:
+    """python-socketio: one process, or ``processes`` sharing a ``RedisManager``;
+    ``module`` is the server (`bench.baseline`, or `bench.chat_baseline`: it needs Redis)."""
     procs, urls = [], []
     extra = ["--redis-url", redis.url, "--channel", f"bench-{uuid.uuid4().hex[:8]}"] \
         if redis is not None else []
     for n in range(processes):
         port = free_port()
-        procs.append(Proc(f"{tag}-{n}", python("bench.baseline", "--port", str(port), *extra),
+        procs.append(Proc(f"{tag}-{n}", python(module, "--port", str(port), *extra),
                           logdir))
         urls.append(f"ws://127.0.0.1:{port}")
     for proc, url in zip(procs, urls):
         wait_for_port(int(url.rsplit(":", 1)[1]), proc)
     name = "RedisManager" if redis is not None else "single process"
     return System(name, urls, {"server": procs})
+
+
+NODE_DIR = os.path.join(ROOT, "bench", "node")
+NODE_PACKAGES = ("socket.io", "@socket.io/redis-adapter", "redis")
+
+
+def node_ready(logdir: str, timeout: float = 300.0) -> str:
+    """Install the Node baseline's packages (bench/node/package.json, exact versions in its
+    package-lock.json) from the npm registry into bench/node/node_modules, unless they are
+    there already; returns ``node``'s path, or raises `BenchError` saying what is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise BenchError(f"{'node' if node is None else 'npm'} is not installed (Debian: "
+                         f"apt-get install nodejs npm)")
+    installed = os.path.join(NODE_DIR, "node_modules", ".package-lock.json")
+    lock = os.path.join(NODE_DIR, "package-lock.json")
+    if not (os.path.exists(installed) and os.path.getmtime(installed) >= os.path.getmtime(lock)):
+        log = os.path.join(logdir, "npm-ci.log")
+        try:
+            with open(log, "wb") as out:
+                done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                                      cwd=NODE_DIR, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"npm ci in bench/node took more than {timeout:g}s") from None
+        if done.returncode != 0:
+            with open(log, errors="replace") as f:
+                # the first lines say why; the rest is npm's usage text
+                lines = [ln.replace("npm error", "").strip() for ln in f.read().splitlines()]
+            raise BenchError(f"npm ci in bench/node failed (code {done.returncode}): "
+                             + " / ".join([ln for ln in lines if ln][:3]))
+    check = subprocess.run([node, "-e", "".join(f"require({name!r});" for name in NODE_PACKAGES)],
+                           cwd=NODE_DIR, capture_output=True, text=True, timeout=60)
+    if check.returncode != 0:
+        raise BenchError("bench/node's packages do not load: "
+                         + (check.stderr.strip().splitlines() or ["?"])[-1])
+    return node
+
+
+def node_versions(node: str) -> Dict[str, Optional[str]]:
+    """The versions of node and of the packages bench/node/node_modules holds."""
+    versions: Dict[str, Optional[str]] = {}
+    try:
+        versions["node"] = subprocess.run([node, "--version"], capture_output=True, text=True,
+                                          timeout=30).stdout.strip().lstrip("v") or None
+    except OSError:
+        versions["node"] = None
+    for name in NODE_PACKAGES:
+        try:
+            with open(os.path.join(NODE_DIR, "node_modules", name, "package.json")) as f:
+                versions[name] = json.load(f).get("version")
+        except (OSError, ValueError):
+            versions[name] = None
+    return versions
+
+
+def start_node(redis: Redis, logdir: str, node: str, processes: int = 2,
+               tag: str = "node") -> System:
+    """Node's socket.io with the Redis adapter (bench/node/chat.js), ``processes`` of it
+    sharing ``redis``; `node_ready` first."""
+    procs, urls = [], []
+    for n in range(processes):
+        port = free_port()
+        procs.append(Proc(f"{tag}-{n}", [node, os.path.join(NODE_DIR, "chat.js"), "--port",
+                                         str(port), "--redis-url", redis.url], logdir))
+        urls.append(f"ws://127.0.0.1:{port}")
+    for proc, url in zip(procs, urls):
+        wait_for_port(int(url.rsplit(":", 1)[1]), proc)
+    return System("Node socket.io", urls, {"server": procs})
 
 
 # ---- the load generator -----------------------------------------------------------------
