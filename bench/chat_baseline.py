@@ -20,7 +20,8 @@ name and room in its python-socketio session (kept by the process the client is 
 to), the room's last 50 messages in the same capped Redis list as the example chat. The one
 thing RedisManager cannot do is list a room's members across processes (``rooms`` and
 ``get_participants`` only see this process's clients), so each room's members are also in a
-Redis hash, sid -> name, written on join and removed on leave and disconnect.
+Redis hash, sid -> name, written on join and removed on leave and disconnect. redis-py's
+connection pools get room for bursts of events (`create_server` says why).
 """
 
 if __name__ == "__main__":  # an entry point: patch before anything imports socket
@@ -81,10 +82,15 @@ def channel(room: str) -> str:
 def create_server(redis_url: str, channel_name: str = "socketio",
                   prefix: str = "chat") -> socketio.Server:
     """The chat on a ``socketio.Server`` whose processes share ``redis_url``."""
-    sio = socketio.Server(async_mode="gevent",
-                          client_manager=socketio.RedisManager(redis_url, channel=channel_name))
-    # one greenlet per event: a burst of events wants more connections than redis-py's
-    # default pool allows (100, then MaxConnectionsError); a blocking pool makes them queue
+    # python-socketio handles each event in a greenlet of its own, so a burst of events (a
+    # crowd joining, or leaving) wants more Redis connections at once than redis-py 8's
+    # default pool allows (100, then MaxConnectionsError). RedisManager then logs "Cannot
+    # publish to redis... retrying", connects again and drops its subscription for a second
+    # or more ("Cannot receive from redis"), losing what was published meanwhile: its pool
+    # gets more room, and the chat's own commands wait for a connection instead of failing.
+    manager = socketio.RedisManager(redis_url, channel=channel_name,
+                                    redis_options={"max_connections": 1000})
+    sio = socketio.Server(async_mode="gevent", client_manager=manager)
     db = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
         redis_url, decode_responses=True, max_connections=100, timeout=20))
 
