@@ -121,10 +121,9 @@ def say(sid, payload):
         raise BadInput("join a room first")
     message = {"id": uuid.uuid4().hex, "room": room, "name": session["name"], "text": text,
                "ts": int(time.time() * 1000)}
-    pipe = app.redis.pipeline()
-    pipe.rpush(history_key(room), json.dumps(message))
-    pipe.ltrim(history_key(room), -HISTORY, -1)
-    pipe.execute()
+    # written with the message's finish, before the `said` goes out: no round trip here
+    app.writes().rpush(history_key(room), json.dumps(message))
+    app.writes().ltrim(history_key(room), -HISTORY, -1)
     app.emit("said", message, to=channel(room))
     return {"ok": True, "id": message["id"]}
 

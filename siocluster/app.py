@@ -21,7 +21,7 @@ import gevent
 from socketio import Namespace
 from socketio import exceptions as sio_exceptions
 
-from .commands import CallTimeout, HandlerContext, current
+from .commands import CallTimeout, HandlerContext, Writes, current
 from .engine import bind_namespace
 from .envelope import (
     RESERVED_EVENTS,
@@ -54,7 +54,11 @@ class App:
     runs the app, or has been made for it to send from another process.
     """
 
-    def __init__(self):
+    def __init__(self, async_handlers: bool = False):
+        #: False (the default): a client's messages are handled one at a time, in the order
+        #: they arrived, across all app-nodes. True: the messages of a client taken together
+        #: run side by side, as python-socketio's ``async_handlers`` runs each in a task.
+        self.async_handlers = async_handlers
         self.handlers: Dict[str, Dict[str, Callable]] = {}
         self.namespace_handlers: Dict[str, Namespace] = {}
         # the app-node this App sends through outside handlers; inside one, the app-node
@@ -218,15 +222,49 @@ class App:
         """The app-node's redis-py client, for the application's own state."""
         return self._node().redis
 
+    def writes(self):
+        """Redis writes that go with the message being handled, sent in the round trip
+        that finishes it, before its emits (so a client told of a change finds it made),
+        and dropped with them if the handler raises: ``app.writes().rpush(key, value)``.
+        Any redis-py command; replies are not returned (read with `redis`). A handler that
+        only writes so costs no round trip of its own."""
+        context = current()
+        if context is None or context.node.app is not self:
+            raise RuntimeError("app.writes() is for a handler's own writes, sent when its "
+                               "message is finished: outside a handler use app.redis")
+        if context.writes is None:
+            context.writes = Writes()
+        return context.writes
+
     def key(self, *parts: str) -> str:
         """A Redis key for the application's own data, under the cluster's prefix."""
         return self._node().keys.app(*parts)
 
+    def _turn(self, sid: str):
+        """The running handler's client turn when ``sid`` is its client, else None."""
+        context = current()
+        if context is not None and context.turn is not None and context.turn.sid == sid \
+                and context.node.app is self:
+            return context.turn
+        return None
+
     def get_session(self, sid: str, namespace: Optional[str] = None) -> dict:
+        """A client's session. In a handler of that client it came with the message (no
+        round trip), and its handlers share it: a change is written when the message is
+        finished, whether or not `save_session` was called, as python-socketio keeps it."""
+        turn = self._turn(sid)
+        if turn is not None:
+            return turn.session()
         return self._node().state.get_session(sid)
 
     def save_session(self, sid: str, session: dict, namespace: Optional[str] = None) -> None:
-        self._node().state.save_session(sid, session)
+        """Replace a client's session: in a handler of that client, written with the
+        message's finish (atomically with its commands' round trip); else at once."""
+        turn = self._turn(sid)
+        if turn is not None:
+            turn.save_session(session)
+        else:
+            self._node().state.save_session(sid, session)
 
     @contextlib.contextmanager
     def session(self, sid: str, namespace: Optional[str] = None):

@@ -1,13 +1,14 @@
-"""The app-node: runs the application's handlers on messages taken from the inbox.
+"""The app-node: runs the application's handlers on the clients taken from the inbox.
 
 An `AppNode` runs an `App` with ``workers`` greenlets. One at a time waits on the inbox
-(`Inbox.take`), taking as many messages as there are idle workers. Each message taken goes
-to a free worker; a worker whose handlers never yield handles the ones left in turn, then
-writes all the commands they made and finishes them in one round trip, while handlers
-that wait run side by side. Each message goes to exactly one app-node. A handler that
-raises is logged with its envelope; the message is tried again (its own commands dropped,
-the other messages of its batch unaffected), and after ``max_attempts`` it goes to the
-dead-letter list.
+(`Inbox.take`), taking as many clients as there are idle workers, each with its oldest
+messages and its session: a **turn**. A worker handles a turn's messages one after the
+other (side by side with ``App(async_handlers=True)``), and, when its handlers never
+yield, the turns left in turn; then it writes all the commands and sessions they made and
+finishes them in one round trip. So one client's messages are handled in the order they
+arrived, one at a time across all app-nodes, and a read-modify-write of its session is
+never lost. A handler that raises is logged with its envelope; its message is tried again
+before the client's later ones, and after ``max_attempts`` it goes to the dead-letter list.
 
 Run it with ``python -m siocluster.appnode package.module:app``.
 """
@@ -30,47 +31,18 @@ from redis.exceptions import NoScriptError
 from .app import App, load_app
 from .commands import Commands, HandlerContext, current, enter
 from .envelope import Envelope
-from .inbox import Inbox
+from .inbox import Inbox, Taken
 from .node import REDIS_DOWN, Backoff, Node, require_gevent_patch
 from .reaper import Reaper
 from .streams import CommandStreams
+from .turn import Batch, Finish, Turn, add_finish
 
-# Messages a worker takes at once when more wait, besides one: one round trip to take them
-# and one to write all their commands halves the app-node's CPU per message under load,
-# while a batch stays short enough (a few ms of handlers) not to delay its first acks.
+# Clients a worker takes at once when more wait, besides one, and messages of one client:
+# one round trip to take them and one to write all their commands halves the app-node's
+# CPU per message under load, while a batch stays short enough (a few ms of handlers) not
+# to delay its first acks.
 TAKE_MORE = 15
-
-
-class Finish:
-    """What a handled message leaves to write: its handler's commands, a client to forget,
-    a retry or a dead-letter record; then it leaves the processing list."""
-
-    __slots__ = ("raw", "commands", "dead", "retry", "forget", "handled")
-
-    def __init__(self, raw: str, commands=(), dead: Optional[dict] = None,
-                 retry: Optional[Envelope] = None, forget: Optional[Envelope] = None,
-                 handled: bool = False):
-        self.raw, self.commands, self.dead, self.retry = raw, commands, dead, retry
-        self.forget, self.handled = forget, handled
-
-
-class Batch:
-    """The messages one worker handles in a row: those ``done``, whose writes wait for
-    one round trip, and the ``rest``, not started yet. A handler that waits takes both."""
-
-    __slots__ = ("done", "rest")
-
-    def __init__(self, raws: List[str]):
-        self.done: List[Finish] = []
-        self.rest = list(raws)
-
-    def take_done(self) -> List[Finish]:
-        done, self.done = self.done, []
-        return done
-
-    def take_rest(self) -> List[str]:
-        rest, self.rest = self.rest, []
-        return rest
+PER_CLIENT = 16
 
 
 class AppNode(Node):
@@ -103,17 +75,18 @@ class AppNode(Node):
         self.handled = 0
         self._batches = gevent.local.local()     # .current: the worker's `Batch`
         self._taking = gevent.lock.Semaphore()   # one worker waits on the inbox at a time
-        self._more = False       # the last round trip saw messages waiting in the inbox
-        self._ready = collections.deque()   # taken, not started: for the next free worker
+        self._more = False       # the last round trip saw clients waiting in the inbox
+        self._ready = collections.deque()   # turns taken, not started: for the next worker
         self._busy = 0           # workers running handlers
-        self._inflight: Dict[str, int] = {}   # raw envelopes the workers hold right now
+        self._inflight: Dict[str, int] = {}   # clients (sids) the workers hold right now
         # after a Redis blip: None, True (look at the processing list), or the set of
-        # messages no worker held at the first look (moved back if still unheld at the next)
+        # clients no worker held at the first look (given back if still unheld at the next)
         self._recover_due = None
 
     def start(self):
         require_gevent_patch("app-node")
         self.check_redis()
+        self.inbox.load_scripts()
         super().start()
         for n in range(self.config.workers):
             self.spawn_loop(self._work_step, f"worker-{n}")
@@ -126,14 +99,14 @@ class AppNode(Node):
         give back any still unfinished, and deregister."""
         self.stopping.set()
         if self._busy:
-            self.logger.info("app-node %s: finishing %d message(s) in flight", self.id,
+            self.logger.info("app-node %s: finishing %d client turn(s) in flight", self.id,
                              self._busy)
         self.join(timeout)
         try:
             self._give_back_ready()
             # what is left in our processing list: its handler was killed
             left = self.inbox.held(self.processing)
-            self.inbox.hand_back(self.processing, self.id, raws=left,
+            self.inbox.hand_back(self.processing, self.id, sids=left,
                                  error=f"app-node {self.id} stopped before its handler finished")
         except REDIS_DOWN:
             # still registered: once our heartbeat lapses the reaper hands them over
@@ -142,13 +115,13 @@ class AppNode(Node):
             return
         if left:
             self.logger.warning("app-node %s: %d handler(s) still running after %.1fs; their "
-                                "messages went back to the inbox", self.id, len(left), timeout)
+                                "clients went back to the inbox", self.id, len(left), timeout)
         super().stop(0.1)
 
-    # ---- taking messages --------------------------------------------------------------------
+    # ---- taking clients ---------------------------------------------------------------------
 
     def _work_step(self):
-        first = self._next_message()
+        first = self._next_turn()
         if first is None:
             return
         self._busy += 1
@@ -157,66 +130,68 @@ class AppNode(Node):
         finally:
             self._busy -= 1
 
-    def _next_message(self) -> Optional[str]:
-        """The next message for this worker: one taken already and not started, else
-        the first of a take (the rest wait in `_ready` for this and idle workers)."""
+    def _next_turn(self) -> Optional[Turn]:
+        """The next turn for this worker: one taken already and not started, else the
+        first of a take (the rest wait in `_ready` for this and idle workers)."""
         while not self._ready:
             with self._taking:
                 if self._ready:
                     break        # another worker's take while this one waited its turn
                 if self.stopping.is_set():
                     return None
-                raws = self._take()
-                if not raws:
+                turns = [Turn(taken) for taken in self._take()]
+                if not turns:
                     return None
                 # registered before anything can yield, so `_recover` never takes them
-                for raw in raws:
-                    self._inflight[raw] = self._inflight.get(raw, 0) + 1
+                for turn in turns:
+                    self._inflight[turn.sid] = self._inflight.get(turn.sid, 0) + 1
                 if self.stopping.is_set():
                     # taken while stop() waited: not ours to start any more
-                    self._give_back(raws)
+                    self._give_back(turns)
                     return None
-                self._ready.extend(raws[1:])
-                return raws[0]
+                self._ready.extend(turns[1:])
+                return turns[0]
         return self._ready.popleft()
 
-    def _take(self) -> List[str]:
-        """Take as many messages as there are idle workers (all of `TAKE_MORE` + 1 while a
+    def _take(self) -> List[Taken]:
+        """Take as many clients as there are idle workers (all of `TAKE_MORE` + 1 while a
         backlog waits) in one round trip. One worker at a time waits on the inbox, so
-        messages that arrive together are taken together (with many workers each blocked on
-        ``BLMOVE``, Redis would hand a burst out one message per worker)."""
+        clients that arrive together are taken together (with many workers each blocked
+        on ``BLMOVE``, Redis would hand a burst out one per worker)."""
         if self._more:
-            raws, self._more = self.inbox.take_waiting(self.processing, TAKE_MORE + 1)
+            taken, self._more = self.inbox.take_waiting(self.processing, TAKE_MORE + 1,
+                                                        PER_CLIENT)
             self._redis_back()
-            if raws:
-                return raws
+            if taken:
+                return taken
         wanted = min(TAKE_MORE + 1, self.config.workers - self._busy)
-        raws, self._more = self.inbox.take(self.processing, wanted, self.config.pop_timeout)
+        taken, self._more = self.inbox.take(self.processing, wanted, PER_CLIENT,
+                                            self.config.pop_timeout)
         self._redis_back()
-        return raws
+        return taken
 
-    def _give_back(self, raws: List[str]) -> None:
+    def _give_back(self, turns: List[Turn]) -> None:
         try:
-            self.inbox.give_back(self.processing, raws, self.id)
+            self.inbox.give_back(self.processing, [turn.sid for turn in turns])
         finally:
             # given back or not (Redis away), no worker holds them now: if they are still in
             # the processing list when Redis returns, `_recover` gives them back
-            self._release(raws)
+            self._release(turn.sid for turn in turns)
 
     def _give_back_ready(self) -> None:
-        """Messages taken and not started by any worker go back to the inbox."""
+        """Turns taken and not started by any worker go back to the inbox."""
         if self._ready:
             unstarted, self._ready = list(self._ready), collections.deque()
             self._give_back(unstarted)
 
-    def _release(self, raws) -> None:
-        """Messages finished or given back are no longer held by this process."""
-        for raw in raws:
-            count = self._inflight.get(raw, 0)
+    def _release(self, sids) -> None:
+        """Clients finished or given back are no longer held by this process."""
+        for sid in sids:
+            count = self._inflight.get(sid, 0)
             if count > 1:
-                self._inflight[raw] = count - 1
+                self._inflight[sid] = count - 1
             else:
-                self._inflight.pop(raw, None)
+                self._inflight.pop(sid, None)
 
     def _reap_step(self):
         period = self.config.heartbeat_interval / 2
@@ -235,43 +210,47 @@ class AppNode(Node):
         self._recover_due = True
 
     def _recover(self) -> None:
-        """After a Redis blip, give back the messages of our processing list that no worker
+        """After a Redis blip, give back the clients of our processing list that no worker
         holds: a take whose reply was lost with the connection never reached a worker."""
         if self._recover_due is None:
             return
-        unheld = {raw for raw in self.inbox.held(self.processing) if raw not in self._inflight}
+        unheld = {sid for sid in self.inbox.held(self.processing) if sid not in self._inflight}
         if self._recover_due is True:
             # a take's reply may be on its way to a worker right now: look again next round
             self._recover_due = unheld or None
             return
         orphans, self._recover_due = unheld & self._recover_due, None
-        self.inbox.give_back(self.processing, list(orphans), self.id)
+        self.inbox.give_back(self.processing, list(orphans))
         if orphans:
-            self.logger.warning("app-node %s: %d message(s) taken while Redis went away went "
+            self.logger.warning("app-node %s: %d client(s) taken while Redis went away went "
                                 "back to the inbox", self.id, len(orphans))
 
     # ---- handling ---------------------------------------------------------------------------
 
-    def handle_batch(self, raws: List[str]) -> None:
-        """Handle raw envelopes taken into the processing list, oldest first, one after
-        the other; then write all they left behind in one round trip. A handler that waits
-        (`App.flush`, `App.sleep`, `App.call`) first sends what the messages before it left
-        and gives the ones after it back to the inbox, so none wait on it (`flush`)."""
-        batch = Batch(raws)
+    def handle_batch(self, turns: List[Turn]) -> None:
+        """Run turns, one after the other; then write all they left in one round trip. A
+        handler that waits (`App.flush`, `App.sleep`, `App.call`) first sends what was done
+        before it, and gives the turns after it back (`flush`)."""
+        batch = Batch(turns)
         self._batches.current = batch
         try:
             # stop() waits for what is in flight: what is not started yet goes back
             while not self.stopping.is_set():
                 if not batch.rest:
-                    # messages taken meanwhile that no idle worker took up (handlers that
-                    # never yield leave them all to this one): handled here, written with
-                    # the rest in one round trip
-                    if len(batch.done) > TAKE_MORE or not self._ready:
+                    # turns taken meanwhile that no idle worker takes up (all are busy): run
+                    # here, written with the rest in one round trip. An idle worker gets
+                    # the chance first: a slow handler of a turn run here would hold back
+                    # the writes of those before it.
+                    if batch.messages() > TAKE_MORE or not self._ready:
+                        break
+                    gevent.sleep(0)
+                    if not self._ready:
                         break
                     batch.rest.append(self._ready.popleft())
-                finish = self._handle_one(batch.rest.pop(0))
-                # after the handler: one that waited had `flush` take what was done before
-                batch.done.append(finish)
+                batch.current = batch.rest.pop(0)
+                self._run_turn(batch.current)
+                batch.done.append(batch.current)
+                batch.current = None
             done = batch.take_done()
             self._finish(done)
         finally:
@@ -281,23 +260,46 @@ class AppNode(Node):
         if rest:
             self._give_back(rest)
 
-    def _handle_one(self, raw: str) -> Finish:
-        """Run one message's handler; returns what it leaves to write."""
+    def _run_turn(self, turn: Turn) -> None:
+        """Handle a turn's messages in order (side by side with ``async_handlers``); one to
+        try again stops the turn: the client's later messages wait behind it."""
+        if self.app.async_handlers:
+            raws, turn.rest = turn.rest, []
+            jobs = [gevent.spawn(self._handle_one, turn, raw) for raw in raws]
+            gevent.joinall(jobs)
+            for raw, job in zip(raws, jobs):
+                if job.value is not None:
+                    turn.finishes.append(job.value)
+                elif job.exception is not None:
+                    turn.rest.append(raw)     # killed: left in the queue, handled again
+            return
+        while turn.rest and not self.stopping.is_set():
+            finish = self._handle_one(turn, turn.rest[0])
+            if finish is None:
+                return
+            turn.rest.pop(0)
+            turn.finishes.append(finish)
+
+    def _handle_one(self, turn: Turn, raw: str) -> Optional[Finish]:
+        """Run one message's handler; returns what it leaves to write, or None when it is
+        to be tried again (a retry is added to the turn; a Redis outage counts none)."""
         try:
             envelope = Envelope.decode(raw)
         except Exception as exc:     # MessageError, or a field of the wrong type
             self.logger.error("app-node %s: malformed message moved to %s: %s (%.200r)",
                               self.id, self.keys.dead, exc, raw)
             return Finish(raw, dead={"error": f"malformed: {exc}", "raw": raw})
-        context = HandlerContext(self, envelope)
-        previous = enter(context)
+        context = HandlerContext(self, envelope, turn)
+        previous, mark = enter(context), turn.mark()
         try:
             self.app.dispatch(context)
         except REDIS_DOWN as exc:
             # not the message's fault: again later, without counting an attempt
             self._redis_lost("handler", exc)
-            return Finish(raw, retry=envelope)
+            turn.rollback(mark)
+            return None
         except Exception as exc:
+            turn.rollback(mark)
             self.logger.exception("app-node %s: handler failed on %s %r of %s (attempt %d): %s",
                                   self.id, envelope.kind, envelope.event, envelope.sid,
                                   envelope.attempt + 1, envelope.encode()[:500])
@@ -308,13 +310,17 @@ class AppNode(Node):
                                   self.id, envelope.id, envelope.attempt, self.keys.dead)
                 return Finish(raw, dead={"error": f"{exc.__class__.__name__}: {exc}",
                                          "raw": envelope.encode()})
-            return Finish(raw, retry=envelope)
+            turn.retries.append((raw, envelope.encode()))
+            return None
         finally:
             enter(previous)
         gone = envelope.kind == "disconnect" or context.refused
-        return Finish(raw, context.commands, forget=envelope if gone else None, handled=True)
+        if gone:
+            turn.gone = True
+        return Finish(raw, context.commands, forget=envelope if gone else None, handled=True,
+                      writes=context.writes)
 
-    def _finish(self, done: List[Finish]) -> None:
+    def _finish(self, done: List[Turn]) -> None:
         """Write what handled messages left behind, retrying while Redis is unreachable:
         the handlers ran, so their commands wait here until Redis takes them."""
         if not done:
@@ -327,53 +333,79 @@ class AppNode(Node):
                 self._redis_lost("finish", exc)
                 gevent.sleep(backoff.next())
                 continue
+            except Exception as exc:
+                # not Redis away: what the handlers left cannot be written; their clients
+                # go back, each one's oldest message with one more attempt (so a poison
+                # message ends in the dead-letter list) rather than stay held forever
+                self.logger.exception("app-node %s: could not finish %d client(s); they go "
+                                      "back to the inbox", self.id, len(done))
+                self.inbox.hand_back(self.processing, self.id, sids=[t.sid for t in done],
+                                     error=f"its finish failed: {exc!r}"[:500])
+                for turn in done:
+                    turn.finishes = []       # nothing of them was written
             self._redis_back()
             return
 
-    def _finish_once(self, done: List[Finish], commands=()) -> None:
-        """One round trip: the handlers' commands (then ``commands``, the running
-        handler's), the state of clients that left, the messages off the processing list,
-        and whether more messages wait."""
+    def _finish_once(self, done: List[Turn], running: Optional[Turn] = None,
+                     commands=()) -> None:
+        """One round trip writes all ``done`` and ``running`` (the turn of a handler that
+        waits, kept) left (`add_finish`), and sees whether more clients wait."""
+        turns = done if running is None else [*done, running]
         pipe = self.redis.pipeline(transaction=False)
-        writes = self.streams.write(pipe, [f.commands for f in done] + [commands])
-        dead_letters = []
-        for finish in done:
-            if finish.forget is not None:
-                # only now: the disconnect handler could still read the client's rooms and
-                # session
-                forget = finish.forget
-                self.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
-            if finish.dead is not None:
-                dead_letters.append(
-                    self.inbox.dead_letter(pipe, {**finish.dead, "app_node": self.id}))
-            if finish.retry is not None:
-                self.inbox.retry(pipe, finish.retry)
-            self.inbox.finish(pipe, self.processing, finish.raw)
-        self.inbox.waiting(pipe)
-        try:
-            results = pipe.execute()
-        except NoScriptError:
-            # Redis lost its scripts (a restart): all went through but the commands
-            self.streams.rewrite(writes)
-            self._more = True
+        plan = add_finish(self, pipe, turns, running, commands)
+        results = pipe.execute(raise_on_error=False)
+        self._failed_writes(results[:plan.deferred])
+        if any(isinstance(result, NoScriptError) for result in results[plan.deferred:]):
+            # Redis lost its scripts (a restart): the commands and the finish did not go
+            self.inbox.load_scripts()
+            self.streams.rewrite(plan.streams)
+            self._finish_unscripted(turns, running)
             return
-        self._more = results[-1] > 0
-        self.inbox.dropped(sum(results[position] for position in dead_letters))
+        for result in results[plan.deferred:]:
+            if isinstance(result, Exception):
+                raise result
+        self._more = results[plan.waiting] > 0
+        self.inbox.dropped(sum(results[position] for position in plan.dead_letters))
+        self._written(running)
 
-    def _settle(self, done: List[Finish]) -> None:
-        """After the round trip: count what was handled, forget clients that left."""
-        for finish in done:
+    def _failed_writes(self, results: list) -> None:
+        """`App.writes` Redis refused (the app's bug) are logged; the message is finished."""
+        for result in results:
+            if isinstance(result, Exception):
+                self.logger.error("app-node %s: a handler's app.writes() command failed: %s",
+                                  self.id, result)
+
+    def _finish_unscripted(self, turns: List[Turn], running: Optional[Turn]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        self.inbox.finish(pipe, self.processing,
+                          [turn.done(release=turn is not running) for turn in turns])
+        pipe.execute()
+        self._more = True
+        self._written(running)
+
+    def _written(self, running: Optional[Turn]) -> None:
+        """What the running turn did so far is written: counted, not written again."""
+        if running is not None:
+            self._count(running.finishes)
+            running.finishes, running.retries = [], []
+
+    def _count(self, finishes: List[Finish]) -> None:
+        for finish in finishes:
             if finish.handled:
                 self.handled += 1
             if finish.forget is not None:
                 self.commands.forget(finish.forget.sid)
-        self._release(finish.raw for finish in done)
+
+    def _settle(self, done: List[Turn]) -> None:
+        """After the round trip: count what was handled, forget clients that left."""
+        for turn in done:
+            self._count(turn.finishes)
+        self._release(turn.sid for turn in done)
 
     def flush(self) -> None:
         """Send the running handler's commands now (before a call() waits, say), with what
-        the messages handled before it in its batch left; the messages after it go back to
-        the inbox for other workers, rather than wait behind a handler that waits (so do
-        the ones taken and not started, when no other worker is free to start them)."""
+        its batch and turn did so far; the turns after it (and those taken and not started,
+        when no worker is free) go back to the inbox rather than wait behind it."""
         batch: Optional[Batch] = getattr(self._batches, "current", None)
         if batch is not None and batch.rest:
             self._give_back(batch.take_rest())
@@ -382,8 +414,9 @@ class AppNode(Node):
         context = current()
         commands = context.commands if context is not None and context.node is self else []
         done = batch.take_done() if batch is not None else []
-        if done:
-            self._finish_once(done, commands)
+        running = batch.current if batch is not None else None
+        if done or (running is not None and (running.finishes or running.retries)):
+            self._finish_once(done, running, commands)
             self._settle(done)
         elif commands:
             self.streams.send(commands)

@@ -34,16 +34,45 @@ class CallTimeout(sio_exceptions.TimeoutError, TimeoutError):
 class HandlerContext:
     """The message the handler running in this greenlet handles, and what it did so far.
 
-    ``node`` is the app-node running it, ``envelope`` the message, ``commands`` the
-    ``(io-node or None, command)`` pairs it made, ``refused`` whether it refused a connect.
+    ``node`` is the app-node running it, ``envelope`` the message, ``turn`` the client's
+    turn it is part of (its session; None when an app-node was not taken through the
+    inbox), ``commands`` the ``(io-node or None, command)`` pairs it made, ``refused``
+    whether it refused a connect.
     """
 
-    __slots__ = ("node", "envelope", "commands", "refused")
+    __slots__ = ("node", "envelope", "turn", "commands", "refused", "writes")
 
-    def __init__(self, node, envelope: Envelope):
-        self.node, self.envelope = node, envelope
+    def __init__(self, node, envelope: Envelope, turn=None):
+        self.node, self.envelope, self.turn = node, envelope, turn
         self.commands: List[Routed] = []
         self.refused = False
+        self.writes: Optional[Writes] = None
+
+
+class Writes:
+    """Redis writes a handler leaves for the round trip that finishes its message
+    (`App.writes`): any redis-py command, recorded, then sent on that round trip's
+    pipeline before the handler's commands. Their replies are not returned."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self):
+        self.calls: List[tuple] = []
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("execute", "watch", "multi", "pipeline"):
+            raise AttributeError(f"app.writes() has no {name!r}: its writes are sent when the "
+                                 "message is finished; use app.redis to run commands now")
+
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return self
+        return record
+
+    def replay(self, pipe) -> None:
+        """Add the recorded writes to ``pipe``."""
+        for name, args, kwargs in self.calls:
+            getattr(pipe, name)(*args, **kwargs)
 
 
 _local = gevent.local.local()

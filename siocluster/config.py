@@ -153,8 +153,10 @@ class Config:
     inbox_maxlen: int = _field(defaults.INBOX_MAXLEN,
                                "client messages waiting in Redis before new ones are refused")
     inbox_max_bytes: int = _field(defaults.INBOX_MAX_BYTES,
-                                  "bytes of them (estimated by Redis) before new ones are "
-                                  "refused")
+                                  "bytes of them before new ones are refused")
+    client_queue_maxlen: int = _field(defaults.CLIENT_QUEUE_MAXLEN,
+                                      "messages of one client waiting before its new ones "
+                                      "are refused")
     dead_maxlen: int = _field(defaults.DEAD_MAXLEN,
                               "records kept in the dead-letter list (the oldest dropped)")
     dead_record_size: int = _field(defaults.DEAD_RECORD_SIZE,
@@ -280,8 +282,8 @@ class Config:
                     "max_send_backlog", "outbox_max_bytes", "max_attachments",
                     "max_connections", "max_connections_per_address", "handshake_timeout",
                     "policy_max_connections", "inbox_max_bytes", "dead_maxlen",
-                    "dead_record_size", "inbox_maxlen", "stream_maxlen", "heartbeat_interval",
-                    "node_ttl")
+                    "dead_record_size", "inbox_maxlen", "client_queue_maxlen", "stream_maxlen",
+                    "heartbeat_interval", "node_ttl")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()}: must be above 0, not {getattr(self, name)}")

@@ -34,7 +34,8 @@ POLICY_MAX_CONNECTIONS = 1_000  # policy requests answered at once
 
 # Redis structures
 INBOX_MAXLEN = 100_000       # client messages waiting for the app tier before new ones are refused
-INBOX_MAX_BYTES = 256 << 20  # bytes of them (estimated by Redis) before new ones are refused
+INBOX_MAX_BYTES = 256 << 20  # bytes of them before new ones are refused
+CLIENT_QUEUE_MAXLEN = 1_000  # of them, from one client (its messages are handled in turn)
 DEAD_MAXLEN = 1_000          # records kept in the dead-letter list, the oldest dropped
 DEAD_RECORD_SIZE = 64 << 10  # bytes of one dead-letter record: a larger message is cut
 STREAM_MAXLEN = 100_000      # commands kept in a stream for io-nodes that reconnect

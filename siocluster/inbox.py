@@ -1,31 +1,36 @@
-"""The inbox protocol, end to end: every move of a client message between Redis lists.
+"""The inbox protocol, end to end: every move of a client message between Redis keys.
 
-io-nodes `push` envelopes to ``<prefix>:inbox`` (LPUSH, so consumers popping the right end
-see them in order). An app-node `take`s them into its own processing list
-(``<prefix>:processing:<id>``, ``BLMOVE`` and a script for more), and when a message is
-handled it is `finish`\\ ed (LREM), `retry`\\ ed or `dead_letter`\\ ed in the round trip that
-writes its handler's commands. So a crash leaves every message either in the inbox or in
-a processing list, where the reaper finds it: delivery is at least once.
+Each client has a queue of its own, ``<prefix>:queue:<sid>``: io-nodes `push` its connect,
+events and disconnect there in the order they arrived (LPUSH, so the oldest is at the
+right end). A client whose queue holds messages has one **token**, its sid, in exactly one
+place: the ready list ``<prefix>:ready``, where it waits for an app-node, or the processing
+list of the app-node handling it (``<prefix>:processing:<id>``). So one app-node at a time
+handles a client's messages, oldest first, while other clients' go on side by side.
 
-Where a message goes back, in one place:
+An app-node `take`\\ s tokens, each with the client's oldest messages and its session, and
+`finish`\\ es them in the round trip that writes their handlers' commands and sessions: the
+handled messages leave the queue, the token goes to the back of the ready list if more
+wait. A message leaves its queue only when finished, so a crash leaves it there and its
+token in a processing list, where the reaper finds it: delivery is at least once.
 
-- a **retry** (its handler raised) goes to the back of the line, ``attempt + 1``;
-- a **give-back** (taken, never started: a stop, a flush, a lost pop reply) goes to the
-  front, in order, its attempt unchanged;
-- a **hand-back** (its app-node died or stopped with it half done) goes to the front with
-  ``attempt + 1``, to the dead-letter list once tried ``max_attempts`` times.
+Where a token goes, in one place: after a **retry** (a handler raised), to the back of
+the line, the message first in its queue with ``attempt + 1``; a **give-back** (taken, not
+started), to the front, the messages untouched; a **hand-back** (its app-node died or
+stopped with it half done), to the front, the oldest message with ``attempt + 1``, or to
+the dead-letter list once tried ``max_attempts`` times.
 
-The class returns values and adds to pipelines it is given; it never calls back into a
-node::
+The scripts count the messages and bytes in the queues in ``<prefix>:inbox-size``, so
+`push` refuses past the bounds without walking a list. The class returns values and adds
+to pipelines it is given; it never calls back into a node::
 
     inbox = Inbox(redis, keys, config)
-    raws, more = inbox.take(processing, wanted=16, timeout=1.0)
-    inbox.give_back(processing, raws[1:], node="app-node-1")
+    groups, more = inbox.take(processing, clients=16, timeout=1.0)
+    inbox.give_back(processing, [group.sid for group in groups])
 """
 
 import logging
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from redis.exceptions import NoScriptError
 
@@ -34,68 +39,161 @@ from .state import Keys
 
 logger = logging.getLogger("siocluster.inbox")
 
-# Push a batch of envelopes in order, refusing connects and events that would take the
-# inbox over its maximum length or size (MEMORY USAGE estimates it from a few elements);
-# a disconnect is never refused (its client is gone either way, and the app tier must hear
-# of it). KEYS: inbox; ARGV: maxlen, max bytes, then kind and envelope for each. Returns
-# the 0-based positions of the refused ones.
+# Push envelopes in order to their clients' queues, a token to the ready list for a queue
+# that was empty, refusing connects and events past the bounds (messages, bytes, messages
+# of one client); never a disconnect, which the app tier must hear of. KEYS: ready, size;
+# ARGV: queue prefix, maxlen, max bytes, per-client maxlen, then kind, sid, envelope for
+# each. Returns the 0-based positions of the refused ones.
 _PUSH = """
-local room = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1])
-local bytes = tonumber(ARGV[2]) - (redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '5') or 0)
-local refused = {}
-for i = 3, #ARGV, 2 do
-  local size = #ARGV[i + 1]
-  if ARGV[i] == 'disconnect' or (room > 0 and bytes >= size) then
-    redis.call('LPUSH', KEYS[1], ARGV[i + 1])
-    room = room - 1
-    bytes = bytes - size
+local count = tonumber(redis.call('HGET', KEYS[2], 'messages') or '0')
+local bytes = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
+local maxlen, max_bytes, per_client = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local refused, added, added_bytes = {}, 0, 0
+for i = 5, #ARGV, 3 do
+  local queue, raw = ARGV[1] .. ARGV[i + 1], ARGV[i + 2]
+  if ARGV[i] == 'disconnect' or (count + added < maxlen
+      and bytes + added_bytes + #raw <= max_bytes
+      and redis.call('LLEN', queue) < per_client) then
+    if redis.call('LPUSH', queue, raw) == 1 then
+      redis.call('LPUSH', KEYS[1], ARGV[i + 1])
+    end
+    added, added_bytes = added + 1, added_bytes + #raw
   else
-    refused[#refused + 1] = (i - 3) / 2
+    refused[#refused + 1] = (i - 5) / 3
   end
+end
+if added > 0 then
+  redis.call('HINCRBY', KEYS[2], 'messages', added)
+  redis.call('HINCRBY', KEYS[2], 'bytes', added_bytes)
 end
 return refused
 """
 
-# Move up to ARGV[1] messages from the inbox to a processing list, as BLMOVE does one, in
-# one script: a crash leaves each either in the inbox or in the processing list. KEYS:
-# inbox, processing. Returns the messages, oldest first, then how many still wait.
+# Move up to ARGV[3] tokens from the ready list to a processing list, each with its
+# client's session and oldest messages (at most ARGV[4]); with ARGV[5] = 1, first the token
+# a BLMOVE pipelined just before put at the processing list's head. KEYS: ready, processing;
+# ARGV: queue prefix, session prefix, ... Returns how many tokens still wait, then sid,
+# session, messages (newest first) for each.
 _TAKE = """
-local taken = {}
-for i = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not raw then
+local out = {0}
+local function group(sid)
+  out[#out + 1] = sid
+  out[#out + 1] = redis.call('GET', ARGV[2] .. sid)
+  out[#out + 1] = redis.call('LRANGE', ARGV[1] .. sid, -tonumber(ARGV[4]), -1)
+end
+if ARGV[5] == '1' then
+  local sid = redis.call('LINDEX', KEYS[2], 0)
+  if sid then
+    group(sid)
+  else
+    out[#out + 1], out[#out + 2], out[#out + 3] = '', false, {}
+  end
+end
+for i = 1, tonumber(ARGV[3]) do
+  local sid = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not sid then
     break
   end
-  taken[#taken + 1] = raw
+  group(sid)
 end
-taken[#taken + 1] = redis.call('LLEN', KEYS[1])
-return taken
+out[1] = redis.call('LLEN', KEYS[1])
+return out
 """
 
-# Move messages out of a processing list, each only if it is still there: a message is
-# handed over by whoever removed it. In one script, so consumers blocked on the inbox see
-# them all at once, in order. KEYS: source, inbox, dead-letter list; ARGV: the dead-letter
-# list's bound, then for each message (newest first, as LRANGE gives them) the message, what
-# to push, and "inbox" (to the front, where consumers pop) or "dead". Returns how many went
-# to the inbox and the dead, and how many old dead letters were dropped for them.
-_MOVE = """
-local inbox, dead = 0, 0
-for i = 2, #ARGV, 3 do
-  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
-    if ARGV[i + 2] == 'inbox' then
-      redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-      inbox = inbox + 1
-    else
-      redis.call('LPUSH', KEYS[3], ARGV[i + 1])
-      dead = dead + 1
+# Finish what an app-node did with the clients it holds, each only while it still holds
+# the token (else the reaper handed it over, and whoever holds it now handles them again):
+# handled messages leave the queue, retried ones are replaced in place, and a released
+# token goes to the back of the line when messages wait. KEYS: ready, processing, size;
+# ARGV: queue prefix, then for each client: sid, release (1/0), n, m, the n messages to
+# remove, then m pairs of a retried message and its replacement. Returns how many tokens
+# wait.
+_FINISH = """
+local removed, removed_bytes, i = 0, 0, 2
+while i <= #ARGV do
+  local sid, release, n, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local queue = ARGV[1] .. sid
+  i = i + 4
+  if redis.call('LPOS', KEYS[2], sid) then
+    for j = i, i + n - 1 do
+      if redis.call('LREM', queue, -1, ARGV[j]) == 1 then
+        removed, removed_bytes = removed + 1, removed_bytes + #ARGV[j]
+      end
+    end
+    for j = i + n, i + n + 2 * m - 1, 2 do
+      local at = redis.call('LPOS', queue, ARGV[j], 'RANK', -1)
+      if at then
+        redis.call('LSET', queue, at, ARGV[j + 1])
+        removed_bytes = removed_bytes + #ARGV[j] - #ARGV[j + 1]
+      end
+    end
+    if release == '1' then
+      redis.call('LREM', KEYS[2], 1, sid)
+      if redis.call('LLEN', queue) > 0 then
+        redis.call('LPUSH', KEYS[1], sid)
+      end
+    end
+  end
+  i = i + n + 2 * m
+end
+if removed > 0 or removed_bytes ~= 0 then
+  redis.call('HINCRBY', KEYS[3], 'messages', 0 - removed)
+  redis.call('HINCRBY', KEYS[3], 'bytes', 0 - removed_bytes)
+end
+return redis.call('LLEN', KEYS[1])
+"""
+
+# Tokens taken and not started go back to the front of the line, their messages untouched,
+# each only if still held. KEYS: ready, processing; ARGV: queue prefix, then the sids,
+# the last taken first.
+_GIVE_BACK = """
+local moved = 0
+for i = 2, #ARGV do
+  if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
+    if redis.call('LLEN', ARGV[1] .. ARGV[i]) > 0 then
+      redis.call('RPUSH', KEYS[1], ARGV[i])
+    end
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+# Tokens an app-node left half done go to the front of the line; each client's oldest
+# message, if still the one read, is replaced by its next attempt or dead-lettered. KEYS:
+# ready, processing, size, dead; ARGV: queue prefix, the dead-letter list's bound, then
+# for each token: sid, oldest message ('' if none), its replacement, 'queue' or 'dead'.
+# Returns how many went back, how many to the dead, how many old dead letters dropped.
+_HAND_BACK = """
+local back, dead, removed_bytes = 0, 0, 0
+for i = 3, #ARGV, 4 do
+  local sid, old, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local queue = ARGV[1] .. sid
+  if redis.call('LREM', KEYS[2], 1, sid) == 1 then
+    if old ~= '' and redis.call('LINDEX', queue, -1) == old then
+      if ARGV[i + 3] == 'dead' then
+        redis.call('RPOP', queue)
+        redis.call('LPUSH', KEYS[4], new)
+        dead, removed_bytes = dead + 1, removed_bytes + #old
+      else
+        redis.call('LSET', queue, -1, new)
+        removed_bytes = removed_bytes + #old - #new
+      end
+    end
+    if redis.call('LLEN', queue) > 0 then
+      redis.call('RPUSH', KEYS[1], sid)
+      back = back + 1
     end
   end
 end
-local dropped = math.max(0, redis.call('LLEN', KEYS[3]) - tonumber(ARGV[1]))
-if dropped > 0 then
-  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
+if dead > 0 or removed_bytes ~= 0 then
+  redis.call('HINCRBY', KEYS[3], 'messages', 0 - dead)
+  redis.call('HINCRBY', KEYS[3], 'bytes', 0 - removed_bytes)
 end
-return {inbox, dead, dropped}
+local dropped = math.max(0, redis.call('LLEN', KEYS[4]) - tonumber(ARGV[2]))
+if dropped > 0 then
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[2]) - 1)
+end
+return {back, dead, dropped}
 """
 
 # A dead letter, the oldest dropped past the list's bound. KEYS: dead-letter list; ARGV:
@@ -109,28 +207,56 @@ end
 return dropped
 """
 
-# A client of a dead io-node gets its disconnect only once. KEYS: node-clients, inbox;
-# ARGV: sid, envelope.
+# A client of a dead io-node gets its disconnect only once. KEYS: node-clients, ready,
+# size; ARGV: queue prefix, sid, envelope.
 _DISCONNECT = """
-if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
+if redis.call('SREM', KEYS[1], ARGV[2]) == 1 then
+  if redis.call('LPUSH', ARGV[1] .. ARGV[2], ARGV[3]) == 1 then
+    redis.call('LPUSH', KEYS[2], ARGV[2])
+  end
+  redis.call('HINCRBY', KEYS[3], 'messages', 1)
+  redis.call('HINCRBY', KEYS[3], 'bytes', #ARGV[3])
   return 1
 end
 return 0
 """
 
 
+def _wire(raw) -> bytes:
+    """A message as sent back to Redis: bytes it did not hold as UTF-8 (written there by
+    something else) go back as they were, rather than fail the round trip (hiredis packs
+    strings as strict UTF-8)."""
+    return raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
+
+
+class Taken(NamedTuple):
+    """A client taken from the ready list: its sid, its session as stored (JSON, or None),
+    and its oldest messages, oldest first."""
+
+    sid: str
+    session: Optional[str]
+    raws: List[str]
+
+
+class Done(NamedTuple):
+    """What an app-node did with a client it holds, for `Inbox.finish`: the messages to
+    take off its queue, messages to replace in place (``(old, new)`` pairs: retries), and
+    whether to release the token."""
+
+    sid: str
+    handled: Sequence[str] = ()
+    retries: Sequence[Tuple[str, str]] = ()
+    release: bool = True
+
+
 class Inbox:
-    """The cluster's inbox, its processing lists and its dead-letter list.
+    """The cluster's client queues, its ready and processing lists, its dead-letter list.
 
     :param redis: a redis-py client with ``decode_responses=True``.
     :param keys: the cluster's `Keys`.
-    :param config: the `Config` whose bounds it keeps: ``max_attempts``, ``inbox_maxlen``,
-        ``inbox_max_bytes``, ``dead_maxlen`` and ``dead_record_size``.
-
-    The dead-letter list keeps the newest ``dead_maxlen`` records, each at most about
-    ``dead_record_size`` bytes (a larger message is cut, its size noted), so it never holds
-    more than their product.
+    :param config: the `Config` whose bounds it keeps (``inbox_maxlen``, ``dead_maxlen``,
+        ...). The dead-letter list keeps the newest ``dead_maxlen`` records, each at most
+        about ``dead_record_size`` bytes (a larger message is cut, its size noted).
     """
 
     def __init__(self, redis, keys: Keys, config):
@@ -138,23 +264,26 @@ class Inbox:
         self.keys = keys
         self.max_attempts = config.max_attempts
         self.maxlen, self.max_bytes = config.inbox_maxlen, config.inbox_max_bytes
+        self.client_maxlen = config.client_queue_maxlen
         self.dead_maxlen, self.dead_record_size = config.dead_maxlen, config.dead_record_size
         self._push = redis.register_script(_PUSH)
         self._take = redis.register_script(_TAKE)
-        self._move = redis.register_script(_MOVE)
+        self._finish = redis.register_script(_FINISH)
+        self._give_back = redis.register_script(_GIVE_BACK)
+        self._hand_back = redis.register_script(_HAND_BACK)
         self._dead = redis.register_script(_DEAD)
         self._disconnect = redis.register_script(_DISCONNECT)
 
     # ---- io-nodes ---------------------------------------------------------------------------
 
-    def push(self, batch: Sequence[Tuple[str, str]], records=(), state=None) -> List[int]:
-        """Push ``(kind, envelope)`` pairs in order, with the client records of connects in
-        the same transaction (``state.add_client``), so an app-node that takes a connect
-        finds its record. Returns the positions of the messages refused for space (the
-        inbox's length or size bound)."""
-        args = [self.maxlen, self.max_bytes]
-        for kind, raw in batch:
-            args += [kind, raw]
+    def push(self, batch: Sequence[Tuple[str, str, str]], records=(), state=None) -> List[int]:
+        """Push ``(kind, sid, envelope)`` triples in order, with the client records of
+        connects in the same transaction (``state.add_client``), so an app-node that takes
+        a connect finds its record. Returns the positions of the messages refused for space
+        (the inbox's bounds, or the client's own queue's)."""
+        args = [self.keys.queue_prefix, self.maxlen, self.max_bytes, self.client_maxlen]
+        for kind, sid, raw in batch:
+            args += [kind, sid, raw]
         try:
             return self._push_once(args, records, state)
         except NoScriptError:
@@ -166,7 +295,7 @@ class Inbox:
     def _push_once(self, args: list, records, state) -> List[int]:
         pipe = self.redis.pipeline(transaction=True)
         # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
-        pipe.evalsha(self._push.sha, 1, self.keys.inbox, *args)
+        pipe.evalsha(self._push.sha, 2, self.keys.ready, self.keys.inbox_size, *args)
         for record in records:
             state.add_client(record, pipe)
         return [int(index) for index in pipe.execute()[0]]
@@ -174,50 +303,71 @@ class Inbox:
     def push_disconnect(self, node: str, sid: str, envelope: str, pipe) -> None:
         """Add to ``pipe``: the disconnect of a client of dead io-node ``node``, pushed only
         if no other reaper pushed it (the pipeline's reply is 1 when this one did)."""
-        self._disconnect(keys=[self.keys.node_clients(node), self.keys.inbox],
-                         args=[sid, envelope], client=pipe)
+        self._disconnect(keys=[self.keys.node_clients(node), self.keys.ready,
+                               self.keys.inbox_size],
+                         args=[self.keys.queue_prefix, sid, envelope], client=pipe)
 
     # ---- app-nodes ----------------------------------------------------------------------------
 
-    def take(self, processing: str, wanted: int, timeout: float) -> Tuple[List[str], bool]:
-        """Take up to ``wanted`` messages into ``processing`` in one round trip, oldest
-        first, blocking up to ``timeout`` seconds for the first; returns them and whether
-        more wait. A blocking ``BLMOVE`` takes the first and, pipelined behind it, a script
-        the rest."""
-        keys = (self.keys.inbox, processing)
-        if wanted <= 1:
-            raw = self.redis.blmove(*keys, timeout, "RIGHT", "LEFT")
-            return ([] if raw is None else [raw]), False
+    def take(self, processing: str, clients: int, per_client: int,
+             timeout: float) -> Tuple[List[Taken], bool]:
+        """Take up to ``clients`` clients (each with up to ``per_client`` messages) into
+        ``processing`` in one round trip, blocking up to ``timeout`` seconds for the first;
+        returns them and whether more wait. A blocking ``BLMOVE`` takes the first token
+        and, pipelined behind it, a script reads its messages and takes the rest."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.blmove(*keys, timeout, "RIGHT", "LEFT")
+        pipe.blmove(self.keys.ready, processing, timeout, "RIGHT", "LEFT")
         # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
-        pipe.evalsha(self._take.sha, 2, *keys, wanted - 1)
+        pipe.evalsha(self._take.sha, 2, self.keys.ready, processing,
+                     *self._take_args(clients - 1, per_client, peek=True))
         first, taken = pipe.execute(raise_on_error=False)
         if isinstance(first, Exception):
             raise first
         if isinstance(taken, NoScriptError):
-            # Redis restarted or flushed its scripts: load it for the next take
-            self.redis.script_load(_TAKE)
-            taken = [1]
-        elif isinstance(taken, Exception):
+            # Redis restarted or flushed its scripts: what BLMOVE took is read next time
+            self.load_scripts()
+            self.give_back(processing, [first] if first is not None else [])
+            return [], True
+        if isinstance(taken, Exception):
             raise taken
-        *raws, waiting = taken
-        return (raws if first is None else [first, *raws]), waiting > 0
+        groups, waiting = self._groups(taken)
+        peeked = groups.pop(0)
+        if first is not None:       # BLMOVE put it at our list's head, where the script read
+            groups.insert(0, peeked)
+        return groups, waiting
 
-    def take_waiting(self, processing: str, count: int) -> Tuple[List[str], bool]:
-        """Take up to ``count`` waiting messages without blocking; returns them and
-        whether more wait."""
-        *raws, waiting = self._take(keys=[self.keys.inbox, processing], args=[count])
-        return raws, waiting > 0
+    def take_waiting(self, processing: str, clients: int, per_client: int):
+        """`take` without blocking: the clients waiting, and whether more wait."""
+        return self._groups(self._take(keys=[self.keys.ready, processing],
+                                       args=self._take_args(clients, per_client, peek=False)))
 
-    def finish(self, pipe, processing: str, raw: str) -> None:
-        """Add to ``pipe``: the message is done, off the processing list."""
-        pipe.lrem(processing, 1, raw)
+    def _take_args(self, clients: int, per_client: int, peek: bool) -> list:
+        return [self.keys.queue_prefix, self.keys.session_prefix, max(0, clients), per_client,
+                1 if peek else 0]
 
-    def retry(self, pipe, envelope: Envelope) -> None:
-        """Add to ``pipe``: the message (its ``attempt`` already counted) to the back of
-        the line."""
-        pipe.lpush(self.keys.inbox, envelope.encode())
+    @staticmethod
+    def _groups(reply: list) -> Tuple[List[Taken], bool]:
+        waiting, groups = reply[0], []
+        for at in range(1, len(reply), 3):
+            groups.append(Taken(reply[at], reply[at + 1], list(reversed(reply[at + 2]))))
+        return groups, waiting > 0
+
+    def finish(self, pipe, processing: str, done: Sequence[Done]) -> int:
+        """Add to ``pipe``: what was done with held clients (`Done`). Returns the position
+        of its reply in the pipeline: how many tokens wait in the ready list."""
+        args = [self.keys.queue_prefix]
+        for item in done:
+            args += [item.sid, 1 if item.release else 0, len(item.handled), len(item.retries),
+                     *map(_wire, item.handled), *(_wire(r) for pair in item.retries for r in pair)]
+        position = len(pipe)
+        pipe.evalsha(self._finish.sha, 3, self.keys.ready, processing, self.keys.inbox_size,
+                     *args)
+        return position
+
+    def load_scripts(self) -> None:
+        """Load the scripts pipelines call by sha (at start, and after Redis lost them)."""
+        for script in (_FINISH, _TAKE):
+            self.redis.script_load(script)
 
     def dead_letter(self, pipe, record: dict) -> int:
         """Add to ``pipe``: a record of a message given up on (``error``, ``raw``, ...).
@@ -235,7 +385,7 @@ class Inbox:
             logger.warning("the dead-letter list is at its bound (DEAD_MAXLEN %d): %d of its "
                            "oldest records dropped", self.dead_maxlen, count)
 
-    def _record(self, record: dict) -> str:
+    def _record(self, record: dict) -> bytes:
         """A dead-letter record as stored: its message cut to ``dead_record_size`` bytes."""
         raw = record.get("raw")
         if isinstance(raw, str):
@@ -243,52 +393,58 @@ class Inbox:
             if len(data) > self.dead_record_size:
                 record = {**record, "raw": data[:self.dead_record_size].decode("utf-8", "ignore"),
                           "raw_bytes": len(data), "cut": True}
-        return dumps(record)
+        return _wire(dumps(record))
 
-    def waiting(self, pipe) -> None:
-        """Add to ``pipe``: how many messages wait in the inbox."""
-        pipe.llen(self.keys.inbox)
+    def size(self) -> Tuple[int, int]:
+        """Messages in the inbox (waiting or being handled) and their bytes."""
+        return tuple(int(n or 0) for n in self.redis.hmget(self.keys.inbox_size, "messages",
+                                                             "bytes"))
 
     def held(self, processing: str) -> List[str]:
-        """The messages in a processing list, newest first."""
+        """The clients (sids) a processing list holds, the last taken first."""
         return self.redis.lrange(processing, 0, -1)
 
-    def give_back(self, processing: str, raws: List[str], node: str) -> None:
-        """Messages taken and not started (``raws`` oldest first) go back to the front of
-        the line, in order, their attempt unchanged."""
-        self._requeue(processing, raws[::-1], node=node, error="", count_attempt=False)
+    def give_back(self, processing: str, sids: Sequence[str]) -> int:
+        """Clients taken and not started (``sids`` in the order taken) go back to the
+        front of the line, in order, their messages untouched. Returns how many."""
+        if not sids:
+            return 0
+        return self._give_back(keys=[self.keys.ready, processing],
+                               args=[self.keys.queue_prefix, *reversed(sids)])
 
     def hand_back(self, processing: str, node: str, error: str,
-                  raws: Optional[List[str]] = None) -> Tuple[int, int]:
-        """Messages an app-node left half done (all of ``processing`` unless ``raws``,
-        newest first) go back to the front with ``attempt + 1``, or to the dead-letter list
-        with ``error`` once tried ``max_attempts`` times. Returns how many went each way."""
-        if raws is None:
-            raws = self.held(processing)
-        return self._requeue(processing, raws, node=node, error=error, count_attempt=True)
-
-    def _requeue(self, source: str, raws: List[str], *, node: str, error: str,
-                 count_attempt: bool) -> Tuple[int, int]:
-        if not raws:
+                  sids: Optional[List[str]] = None) -> Tuple[int, int]:
+        """Clients an app-node left half done (all of ``processing`` unless ``sids``) go
+        back to the front, each one's oldest message with ``attempt + 1``, or to the
+        dead-letter list with ``error`` once tried ``max_attempts`` times. Returns how many
+        clients went back and how many messages to the dead-letter list."""
+        if sids is None:
+            sids = self.held(processing)
+        if not sids:
             return 0, 0
-        args = [self.dead_maxlen]
-        for raw in raws:
-            try:
-                envelope = Envelope.decode(raw)
-            except Exception as exc:
-                record = {"error": f"malformed: {exc}", "raw": raw, "ts": time.time(),
-                          "app_node": node}
-                args += [raw, self._record(record), "dead"]
-                continue
-            if count_attempt:
-                envelope.attempt += 1
-            if envelope.attempt >= self.max_attempts:
-                record = {"error": error, "raw": envelope.encode(), "ts": time.time(),
-                          "app_node": node, "attempts": envelope.attempt}
-                args += [raw, self._record(record), "dead"]
-            else:
-                args += [raw, envelope.encode(), "inbox"]
-        inbox, dead, dropped = self._move(keys=[source, self.keys.inbox, self.keys.dead],
-                                          args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.lindex(self.keys.queue(sid), -1)
+        args = [self.keys.queue_prefix, self.dead_maxlen]
+        for sid, raw in zip(sids, pipe.execute()):
+            args += [sid, *map(_wire, self._next_attempt(raw, node, error))] if raw else \
+                [sid, "", "", ""]
+        back, dead, dropped = self._hand_back(
+            keys=[self.keys.ready, processing, self.keys.inbox_size, self.keys.dead], args=args)
         self.dropped(dropped)
-        return inbox, dead
+        return back, dead
+
+    def _next_attempt(self, raw: str, node: str, error: str) -> tuple:
+        """``(raw, what replaces it, 'queue' or 'dead')`` for a message handed back."""
+        try:
+            envelope = Envelope.decode(raw)
+        except Exception as exc:
+            record = {"error": f"malformed: {exc}", "raw": raw, "ts": time.time(),
+                      "app_node": node}
+            return raw, self._record(record), "dead"
+        envelope.attempt += 1
+        if envelope.attempt >= self.max_attempts:
+            record = {"error": error, "raw": envelope.encode(), "ts": time.time(),
+                      "app_node": node, "attempts": envelope.attempt}
+            return raw, self._record(record), "dead"
+        return raw, envelope.encode(), "queue"

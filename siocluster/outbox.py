@@ -99,7 +99,7 @@ class Outbox:
                 except gevent.queue.Empty:
                     break
         batch = self._unsent
-        refused = self.inbox.push([(item.kind, item.raw) for item in batch],
+        refused = self.inbox.push([(item.kind, item.sid, item.raw) for item in batch],
                                   records=[i.record for i in batch if i.record is not None],
                                   state=self.state)
         self._unsent = []

@@ -116,7 +116,7 @@ class Reaper:
         inbox, dead = self.inbox.hand_back(self.keys.processing(node), node,
                                            error=f"app-node {node} died while handling it")
         if inbox or dead:
-            self.logger.warning("reaper on %s: %d message(s) of dead app-node %s back in the "
+            self.logger.warning("reaper on %s: %d client(s) of dead app-node %s back in the "
                                 "inbox, %d dead-lettered (tried %d times)", self.node.id,
                                 inbox, node, dead, self.config.max_attempts)
         return {"inbox": inbox, "dead": dead}

@@ -18,7 +18,10 @@ class Keys:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self.inbox = f"{prefix}:inbox"                # list: envelopes waiting for app-nodes
+        self.ready = f"{prefix}:ready"                # list: clients waiting for an app-node
+        self.queue_prefix = f"{prefix}:queue:"        # list per client: its messages, in order
+        self.inbox_size = f"{prefix}:inbox-size"      # hash: messages and bytes in the queues
+        self.session_prefix = f"{prefix}:session:"
         self.dead = f"{prefix}:dead"                  # list: envelopes that failed too often
         self.commands = f"{prefix}:commands"          # stream: commands for every io-node
         self.command_seq = f"{prefix}:command-seq"    # counter: numbers every stream entry
@@ -28,8 +31,12 @@ class Keys:
         self.client_rooms_prefix = f"{prefix}:rooms:"
         self.reaper_lock = f"{prefix}:reaper"         # string: one reaper pass at a time
 
+    def queue(self, sid: str) -> str:
+        """List of one client's messages, the oldest at the right end."""
+        return self.queue_prefix + sid
+
     def processing(self, app_node: str) -> str:
-        """List of the envelopes one app-node is handling right now."""
+        """List of the clients (sids) whose messages one app-node is handling right now."""
         return f"{self.prefix}:processing:{app_node}"
 
     def node_commands(self, node: str) -> str:
@@ -58,7 +65,7 @@ class Keys:
         return f"{self.client_rooms_prefix}{sid}"
 
     def session(self, sid: str) -> str:
-        return f"{self.prefix}:session:{sid}"
+        return self.session_prefix + sid
 
     def reply(self, call_id: str) -> str:
         """List an app.call() waits on for the client's answer."""
@@ -233,8 +240,8 @@ class ClusterState:
         raw = self.redis.get(self.keys.session(sid))
         return json.loads(raw) if raw else {}
 
-    def save_session(self, sid: str, session: dict) -> None:
-        self.redis.set(self.keys.session(sid), json.dumps(session))
+    def save_session(self, sid: str, session: dict, pipe=None) -> None:
+        (pipe or self.redis).set(self.keys.session(sid), json.dumps(session))
 
     # ---- nodes ------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Test helpers: free ports, waiting on conditions, and a Socket.IO client that records events."""
+"""Test helpers: free ports, waiting on conditions, the inbox as io-nodes and app-nodes use it,
+and a Socket.IO client that records events."""
 
 import socket
 import time
@@ -8,6 +9,9 @@ import gevent.event
 import requests
 import socketio
 import websocket
+
+from siocluster import Config
+from siocluster.inbox import Inbox
 
 
 def free_port() -> int:
@@ -26,6 +30,37 @@ def wait_until(predicate, timeout=5.0, interval=0.01, message="condition not met
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} within {timeout}s")
         gevent.sleep(interval)
+
+
+def inbox_of(redis_client, keys) -> Inbox:
+    """The cluster's inbox, with the default bounds."""
+    return Inbox(redis_client, keys, Config())
+
+
+def enqueue(redis_client, keys, *envelopes):
+    """Push envelopes to their clients' queues in one script call, as an io-node pushes a
+    batch (each client's token to the ready list when its queue was empty); returns the
+    positions refused."""
+    return inbox_of(redis_client, keys).push([(e.kind, e.sid, e.encode()) for e in envelopes])
+
+
+def enqueue_raw(redis_client, keys, sid, *raws, kind="event"):
+    """Push raw strings or bytes (malformed data, say) to client ``sid``'s queue, as if an
+    io-node had pushed them as its messages."""
+    return inbox_of(redis_client, keys).push([(kind, sid, raw) for raw in raws])
+
+
+def inbox_messages(redis_client, keys) -> int:
+    """Messages in all the clients' queues, waiting or being handled."""
+    return inbox_of(redis_client, keys).size()[0]
+
+
+def hold(redis_client, keys, processing, clients=10_000, per_client=16):
+    """Take the waiting clients into a processing list as an app-node's take does (for a
+    test to play the app-node that then died, or lost the take's reply); returns their
+    sids, in the order taken."""
+    taken, _ = inbox_of(redis_client, keys).take_waiting(processing, clients, per_client)
+    return [group.sid for group in taken]
 
 
 def hold_listener(io_node):

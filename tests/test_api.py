@@ -12,6 +12,8 @@ import socketio
 from siocluster import App, CallTimeout
 from tests.helpers import wait_until
 
+BURST = 20      # events one client sends back to back
+
 
 def url(io_node):
     return f"http://127.0.0.1:{io_node.address[1]}"
@@ -495,6 +497,14 @@ def chat_transcript(connect):
     answers.append(bob.call("say", "hi ada"))
     for client in (ada, bob):
         client.expect("said")
+    # a burst from one client, sent back to back: handled in order, no count lost
+    counts = gevent.queue.Queue()
+    for n in range(BURST):
+        bob.sio.emit("say", f"#{n}")
+        bob.sio.emit("count", callback=counts.put)
+    answers.append([counts.get(timeout=10) for _ in range(BURST)])
+    for client in (ada, bob):
+        client.expect("said", count=1 + BURST)
     bob.sio.disconnect()
     ada.expect("left")
     return answers, ada.events, bob.events
@@ -544,11 +554,12 @@ def test_the_moved_example_behaves_as_before(cluster):
 
     assert after == before
     answers, ada_events, bob_events = after
+    burst = [("/", "said", [{"name": "bob", "text": f"#{n}"}]) for n in range(BURST)]
     assert answers == [[{"room": "lobby", "you": "ada"}], [{"room": "lobby", "you": "bob"}],
-                       ["ok"]]
+                       ["ok"], list(range(1, BURST + 1))]
     assert ada_events == [("/", "joined", [{"name": "bob"}]),
-                          ("/", "said", [{"name": "bob", "text": "hi ada"}]),
+                          ("/", "said", [{"name": "bob", "text": "hi ada"}]), *burst,
                           ("/", "left", [{"name": "bob"}])]
-    assert bob_events == [("/", "said", [{"name": "bob", "text": "hi ada"}])]
+    assert bob_events == [("/", "said", [{"name": "bob", "text": "hi ada"}]), *burst]
     message = "tell us your name: connect with auth={'name': ...}"
     assert refusals == [{"message": message}, {"message": message}]

@@ -21,7 +21,7 @@ import redis
 
 from siocluster.reaper import DIED_REASON
 from siocluster.state import ClusterState, Keys
-from tests.helpers import EventClient, free_port, wait_until
+from tests.helpers import EventClient, free_port, inbox_messages, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # generous next to the 0.3 s of the in-process tests: these processes share a loaded machine
@@ -168,11 +168,11 @@ def test_sigkill_of_an_app_node_in_a_burst_of_10000_loses_no_message(redis_serve
     handled = int(nodes.redis.get(nodes.key("handled")))
     wait_until(lambda: victim_id not in nodes.state.nodes(alive=None), timeout=15,
                message="the dead app-node was not cleaned up")
-    assert in_flight > 0, "the victim held no message when killed: nothing was tested"
+    assert in_flight > 0, "the victim held no client when killed: nothing was tested"
     assert not nodes.redis.exists(nodes.keys.processing(victim_id))
     assert nodes.redis.llen(nodes.keys.dead) == 0
-    print(f"\n10,000 messages, app-node SIGKILLed after {killed_at} with {in_flight} in flight: "
-          f"all handled in {elapsed:.1f}s, {handled - total} handled twice")
+    print(f"\n10,000 messages, app-node SIGKILLed after {killed_at} with {in_flight} client(s) "
+          f"in flight: all handled in {elapsed:.1f}s, {handled - total} handled twice")
     for client in clients:
         client.close()
 
@@ -207,10 +207,13 @@ def test_sigterm_on_an_app_node_finishes_its_messages_and_takes_no_new_ones(redi
     io = nodes.io_node()
     app = nodes.app_node("chat", SIOCLUSTER_WORKERS="2")
     nodes.wait_registered(io, app)
-    client = connect(io)
+    # three clients of two events each: a client's events run one at a time, so the two
+    # workers hold two clients
+    clients = [connect(io) for _ in range(3)]
     answers = gevent.queue.Queue()
-    for n in range(6):
-        client.sio.emit("slow", n, callback=answers.put)
+    for k, client in enumerate(clients):
+        for n in (2 * k, 2 * k + 1):
+            client.sio.emit("slow", n, callback=lambda n, k=k: answers.put((k, n)))
     started = nodes.key("started")
     wait_until(lambda: nodes.redis.llen(started) == 2, timeout=10, message="not started")
     t0 = time.monotonic()
@@ -219,13 +222,18 @@ def test_sigterm_on_an_app_node_finishes_its_messages_and_takes_no_new_ones(redi
     assert sorted(nodes.redis.lrange(nodes.key("finished"), 0, -1)) == sorted(
         nodes.redis.lrange(started, 0, -1))
     assert nodes.redis.llen(started) == 2                      # took no new ones
-    assert nodes.redis.llen(nodes.keys.inbox) == 4             # left for others
-    assert "finishing 2 message(s) in flight" in nodes.output(app)
+    assert len({int(n) // 2 for n in nodes.redis.lrange(started, 0, -1)}) == 2
+    assert inbox_messages(nodes.redis, nodes.keys) == 4        # left for others
+    assert "finishing 2 client turn(s) in flight" in nodes.output(app)
     assert not nodes.state.nodes(role="app-node", alive=None)  # deregistered
     nodes.app_node("chat", SIOCLUSTER_WORKERS="4")
-    assert sorted(answers.get(timeout=20) for _ in range(6)) == list(range(6))
-    print(f"\napp-node drained 2 in-flight messages in {drained_in:.1f}s after SIGTERM")
-    client.close()
+    got = [answers.get(timeout=20) for _ in range(6)]
+    assert sorted(n for _, n in got) == list(range(6))
+    for k in range(3):          # each client's answers in the order it sent its events
+        assert [n for sender, n in got if sender == k] == [2 * k, 2 * k + 1]
+    print(f"\napp-node drained 2 in-flight client turns in {drained_in:.1f}s after SIGTERM")
+    for client in clients:
+        client.close()
 
 
 # ---- io-nodes ------------------------------------------------------------------------------

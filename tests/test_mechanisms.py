@@ -7,12 +7,14 @@ moved by hand) and fails when the mechanism is missing:
 1. an io-node whose command-stream read failed resumes from the last id it applied;
 2. the default origin check matches the io-node's host exactly, never by suffix;
 3. ``MAX_MESSAGE_SIZE`` counts UTF-8 bytes, not characters;
-4. a failed handler's retry goes to the back of the inbox;
+4. a failed handler's retry stays first in its client's queue, and the client goes to the
+   back of the line: other clients go first, the client's later messages wait behind it;
 5. the reaper judges no node right after Redis came back (``grace``);
 6. an ack past ``ACK_TIMEOUT`` is answered ``{ok: false}``, not dropped;
 7. the two command streams an io-node reads are merged by entry id;
 8. a connection's token bucket never holds more than ``RATE_BURST``;
-9. an app-node gives back what its processing list holds and no worker does after a blip;
+9. an app-node gives back the clients its processing list holds and no worker does after
+   a blip;
 10. an app-node keeps a handled message's commands until Redis takes them.
 
 Real redis-server, real io-nodes on loopback sockets, real python-socketio clients; where
@@ -24,6 +26,7 @@ import time
 import types
 import uuid
 
+import gevent.event
 import pytest
 import redis
 
@@ -31,7 +34,15 @@ from siocluster import App, AppNode, ioclient
 from siocluster.envelope import Envelope, emit_command, encode_batch
 from siocluster.ioclient import Client, same_host_origins
 from siocluster.state import ClusterState, Keys
-from tests.helpers import handshake, hold_listener, wait_until, websocket_handshake
+from tests.helpers import (
+    enqueue,
+    handshake,
+    hold,
+    hold_listener,
+    inbox_messages,
+    wait_until,
+    websocket_handshake,
+)
 
 NO_ANSWER = "no answer from the app in time"
 RATE_LIMITED = "rate limit exceeded, slow down"
@@ -145,19 +156,36 @@ def test_max_message_size_counts_utf8_bytes_not_characters(cluster):
     assert [data for _, data, _ in log] == [ascii_text]
 
 
-# ---- 4. a retry goes to the back of the inbox ---------------------------------------------
+# ---- 4. a retry waits first in its client's queue, the client at the back of the line ------
 
-def test_a_failed_handlers_retry_goes_to_the_back_of_the_inbox(cluster, config, redis_client):
+def test_a_failed_handlers_retry_stays_first_in_its_queue_and_its_client_goes_to_the_back(
+        cluster, config, redis_client):
     keys = Keys(config.prefix)
-    # in the inbox before any app-node runs: popped from the right, the first pushed first
-    for envelope in (event("flaky", "first"), event("rec", "second"), event("rec", "third")):
-        redis_client.lpush(keys.inbox, envelope.encode())
-    log = []
-    cluster.app_node(recording_app(log), workers=1)
+    log, in_line = [], gevent.event.Event()
+    app = recording_app(log)
+
+    @app.on("flaky")
+    def flaky(sid, data):
+        # recording_app's, its first try held until another client waits in line
+        attempt = app.delivery()[1]
+        log.append(("flaky", data, attempt))
+        if attempt == 0:
+            in_line.wait(5)
+            raise ValueError("fails on its first try")
+        return "ok"
+
+    enqueue(redis_client, keys, event("flaky", "first", sid="s1"),
+            event("rec", "second", sid="s1"))
+    cluster.app_node(app, workers=1)
+    wait_until(lambda: log, message="the first message was not handled")
+    enqueue(redis_client, keys, event("rec", "third", sid="s2"))
+    in_line.set()
     wait_until(lambda: len(log) == 4, message="the messages were not all handled")
-    assert log == [("flaky", "first", 0), ("rec", "second", 0), ("rec", "third", 0),
-                   ("flaky", "first", 1)]
-    assert redis_client.llen(keys.inbox) == 0 and redis_client.llen(keys.dead) == 0
+    # the other client goes before the retry; s1's next message waits behind its retry
+    assert log == [("flaky", "first", 0), ("rec", "third", 0), ("flaky", "first", 1),
+                   ("rec", "second", 0)]
+    assert inbox_messages(redis_client, keys) == 0 and redis_client.llen(keys.dead) == 0
+    assert redis_client.llen(keys.ready) == 0 and not redis_client.keys(keys.queue_prefix + "*")
 
 
 # ---- 5. the reaper waits after Redis came back ---------------------------------------------
@@ -167,7 +195,8 @@ def test_the_reaper_judges_no_node_right_after_redis_came_back(config, redis_cli
     state = ClusterState(redis_client, keys)
     dead = f"app-node-quiet-{uuid.uuid4().hex[:6]}"
     state.heartbeat(dead, {"id": dead, "role": "app-node"}, 0.05)
-    redis_client.lpush(keys.processing(dead), event("rec", "held").encode())
+    enqueue(redis_client, keys, event("rec", "held"))
+    assert hold(redis_client, keys, keys.processing(dead)) == ["s1"]
     wait_until(lambda: not redis_client.exists(keys.alive(dead)), message="key did not expire")
 
     node = AppNode(recording_app([]), config)       # not started: its reaper is stepped here
@@ -179,13 +208,14 @@ def test_the_reaper_judges_no_node_right_after_redis_came_back(config, redis_cli
         node.redis_up_since = time.time()          # its connection just came back
         assert reaper.step() == {}
         assert redis_client.hexists(keys.nodes, dead)
-        assert redis_client.llen(keys.processing(dead)) == 1
+        assert redis_client.lrange(keys.processing(dead), 0, -1) == ["s1"]
         assert not redis_client.exists(keys.tombstone(dead))
 
         # the control: the same node, judged once the grace is over
         node.redis_up_since = time.time() - reaper.grace - 1
         assert reaper.step() == {"app-node": [dead]}
         assert not redis_client.hexists(keys.nodes, dead)
+        assert redis_client.lrange(keys.ready, 0, -1) == ["s1"]     # handed back
     finally:
         node.redis.close()
 
@@ -253,19 +283,23 @@ def test_an_idle_connection_still_gets_only_rate_burst_events_at_once(cluster):
 
 # ---- 9. an app-node recovers its processing list after a Redis blip ------------------------
 
-def test_an_app_node_gives_back_unheld_messages_of_its_processing_list_after_a_blip(
+def test_an_app_node_gives_back_unheld_clients_of_its_processing_list_after_a_blip(
         cluster, redis_client):
     log = []
-    node = cluster.app_node(recording_app(log), workers=2)
+    node = AppNode(recording_app(log), cluster.config.replace(workers=2))
+    cluster.app_nodes.append(node)
     # a take whose reply was lost with the connection: in the list, in no worker's hands
-    lost = event("rec", "taken while Redis went away")
-    redis_client.lpush(node.processing, lost.encode())
+    enqueue(redis_client, node.keys, event("rec", "taken while Redis went away"))
+    assert hold(redis_client, node.keys, node.processing) == ["s1"]
+    node.start()
     node._redis_lost("worker-0", redis.exceptions.ConnectionError("injected"))
     node._redis_back()
     wait_until(lambda: log, message="the message left in the processing list was not handled")
     assert log == [("rec", "taken while Redis went away", 0)]
     wait_until(lambda: not redis_client.exists(node.processing),
-               message="the processing list kept the message")
+               message="the processing list kept the client")
+    wait_until(lambda: inbox_messages(redis_client, node.keys) == 0,
+               message="the message stayed in its queue")
 
 
 # ---- 10. a handled message's commands wait until Redis takes them --------------------------
@@ -291,7 +325,11 @@ def test_an_app_node_keeps_a_handled_messages_commands_until_redis_takes_them(cl
         real_execute = pipe.execute
 
         def execute(*a, **kw):
-            finishing = any(c[0][:2] == ("LREM", node.processing) for c in pipe.command_stack)
+            # the finish: the script on the ready list, this node's processing list and
+            # the inbox's size
+            finishing = any(c[0][0] == "EVALSHA" and c[0][3:6] == (
+                node.keys.ready, node.processing, node.keys.inbox_size)
+                for c in pipe.command_stack)
             if finishing and log and not failed:
                 # the handler ran; Redis goes away before its commands are written
                 failed.append(True)

@@ -23,7 +23,7 @@ from siocluster.envelope import Envelope, encode_batch
 from siocluster.outbox import INBOX_FULL, OUTBOX_FULL
 from siocluster.reaper import DIED_REASON, Reaper
 from siocluster.state import ClusterState, Keys
-from tests.helpers import EventClient, wait_until
+from tests.helpers import EventClient, enqueue, enqueue_raw, hold, inbox_messages, wait_until
 
 
 def recording_app(log):
@@ -81,21 +81,28 @@ def event(sid, name, *args, attempt=0, node="io-node-x"):
 
 # ---- the reaper ---------------------------------------------------------------------------
 
-def test_reaper_returns_a_dead_app_nodes_messages_in_order_with_one_more_attempt(
+def test_reaper_returns_a_dead_app_nodes_clients_in_order_with_one_more_attempt(
         config, redis_client):
     keys = Keys(config.prefix)
     dead = dead_node(redis_client, keys, "app-node")
+    # three clients the dead app-node took: one with four messages, one whose oldest was
+    # tried all but once, one whose oldest is not an envelope at all
     queued = [event("s1", "rec", n) for n in range(4)]
-    killer = event("s1", "rec", "killer", attempt=config.max_attempts - 1)
-    # as BLMOVE leaves them: the newest popped at the left
-    for raw in [e.encode() for e in queued] + [killer.encode(), "{not json"]:
-        redis_client.lpush(keys.processing(dead), raw)
+    killer = event("s2", "rec", "killer", attempt=config.max_attempts - 1)
+    enqueue(redis_client, keys, *queued, killer, event("s2", "rec", "after the killer"))
+    enqueue_raw(redis_client, keys, "s3", "{not json")
+    enqueue(redis_client, keys, event("s3", "rec", "after the garbage"))
+    assert hold(redis_client, keys, keys.processing(dead)) == ["s1", "s2", "s3"]
 
     log = []
     node = AppNode(recording_app(log), config.replace(workers=1)).start()
     try:
-        wait_until(lambda: len(log) == 4, timeout=15, message="messages not handed over")
-        assert log == [("rec", [n], 1) for n in range(4)]    # in order, one attempt more
+        wait_until(lambda: len(log) == 6, timeout=15, message="messages not handed over")
+        # in order; the oldest message of each client handed back with one attempt more
+        assert [entry for entry in log if isinstance(entry[1][0], int)] == [
+            ("rec", [0], 1), ("rec", [1], 0), ("rec", [2], 0), ("rec", [3], 0)]
+        assert sorted(entry for entry in log if isinstance(entry[1][0], str)) == [
+            ("rec", ["after the garbage"], 0), ("rec", ["after the killer"], 0)]
         dead_letters = [json.loads(r) for r in redis_client.lrange(keys.dead, 0, -1)]
         errors = sorted(d["error"] for d in dead_letters)
         assert errors[0].startswith("app-node " + dead) and "died while handling it" in errors[0]
@@ -106,6 +113,8 @@ def test_reaper_returns_a_dead_app_nodes_messages_in_order_with_one_more_attempt
         wait_until(lambda: not redis_client.hexists(keys.nodes, dead),
                    message="the dead node's registry entry stayed")
         assert not redis_client.exists(keys.processing(dead))
+        wait_until(lambda: inbox_messages(redis_client, keys) == 0,
+                   message="messages stayed in the queues")
         assert redis_client.exists(keys.tombstone(dead))
         assert redis_client.hexists(keys.nodes, node.id)     # the reaper's own node stays
     finally:
@@ -139,19 +148,30 @@ def test_two_reapers_at_once_never_hand_over_a_message_or_a_client_twice(config,
     state = ClusterState(redis_client, keys)
     dead_app = dead_node(redis_client, keys, "app-node")
     dead_io = dead_node(redis_client, keys, "io-node")
-    messages = [event("s", "rec", n) for n in range(300)]
-    redis_client.lpush(keys.processing(dead_app), *[m.encode() for m in messages])
+    # 100 clients of three messages each, taken by the dead app-node
+    messages = [event(f"s{n % 100}", "rec", n) for n in range(300)]
+    enqueue(redis_client, keys, *messages)
+    assert len(hold(redis_client, keys, keys.processing(dead_app))) == 100
     for n in range(300):
         state.add_client({"sid": f"c{n}", "namespace": "/", "node": dead_io, "info": {},
                           "connected_at": 0})
     nodes = [AppNode(App(), config), AppNode(App(), config)]
     reapers = [Reaper(node) for node in nodes]
     gevent.joinall([gevent.spawn(r.reap) for r in reapers], raise_error=True, timeout=30)
-    inbox = [Envelope.decode(raw) for raw in redis_client.lrange(keys.inbox, 0, -1)]
-    handed = sorted(e.id for e in inbox if e.kind == "event")
-    disconnects = sorted(e.sid for e in inbox if e.kind == "disconnect")
+    # one token for each client, in the ready list: none handed over twice
+    assert sorted(redis_client.lrange(keys.ready, 0, -1)) == sorted(
+        [f"s{n}" for n in range(100)] + [f"c{n}" for n in range(300)])
+    queues = {sid: [Envelope.decode(raw) for raw in reversed(
+        redis_client.lrange(keys.queue(sid), 0, -1))] for sid in redis_client.lrange(
+        keys.ready, 0, -1)}
+    handed = sorted(e.id for queue in queues.values() for e in queue if e.kind == "event")
     assert handed == sorted(m.id for m in messages)
-    assert disconnects == sorted(f"c{n}" for n in range(300))
+    # each client's oldest message one attempt more, once
+    assert {sid: [e.attempt for e in queue] for sid, queue in queues.items()
+            if sid.startswith("s")} == {f"s{n}": [1, 0, 0] for n in range(100)}
+    disconnects = [e.sid for queue in queues.values() for e in queue if e.kind == "disconnect"]
+    assert sorted(disconnects) == sorted(f"c{n}" for n in range(300))
+    assert inbox_messages(redis_client, keys) == 600
     assert state.nodes(alive=None) == {}
 
 
@@ -229,14 +249,14 @@ def test_a_full_inbox_refuses_events_and_connects_but_never_a_disconnect(cluster
     # no app-node yet: nothing drains the inbox; the connect is let in when no verdict comes
     io = cluster.io_node(inbox_maxlen=5, connect_timeout=0.5, connect_timeout_accept=True)
     client = cluster.client(io)
-    assert redis_client.llen(keys.inbox) == 1                  # its connect
+    assert inbox_messages(redis_client, keys) == 1             # its connect
     answers = gevent.queue.Queue()
     for n in range(10):
         client.sio.emit("rec", n, callback=lambda *a, n=n: answers.put((n, list(a))))
     refused = sorted(answers.get(timeout=5) for _ in range(6))
     assert refused == [(n, [{"ok": False, "error": INBOX_FULL}]) for n in range(4, 10)]
     assert [args[0]["error"] for args in client.expect("error", 6)] == [INBOX_FULL] * 6
-    assert redis_client.llen(keys.inbox) == 5
+    assert inbox_messages(redis_client, keys) == 5
 
     late = EventClient()
     refusal = gevent.event.AsyncResult()
@@ -247,7 +267,8 @@ def test_a_full_inbox_refuses_events_and_connects_but_never_a_disconnect(cluster
     wait_until(lambda: ClusterState(redis_client, keys).count() == 1,
                message="the refused client's record stayed")
     client.close()
-    wait_until(lambda: redis_client.llen(keys.inbox) == 6, message="the disconnect was refused")
+    wait_until(lambda: inbox_messages(redis_client, keys) == 6,
+               message="the disconnect was refused")
 
     log = []
     cluster.app_node(recording_app(log), workers=1)
@@ -326,7 +347,8 @@ def test_malformed_data_in_redis_is_logged_and_skipped(cluster, config, redis_cl
     raw_client = redis.Redis.from_url(config.redis_url)      # bytes as they are
     try:
         with caplog.at_level(logging.ERROR):
-            raw_client.lpush(keys.inbox, *garbage)
+            # in the client's own queue: its next event waits behind them
+            enqueue_raw(raw_client, keys, client.sid, *garbage)
             assert client.call("rec", "after") == ["ok"]
             wait_until(lambda: redis_client.llen(keys.dead) == len(garbage),
                        message="not every malformed message was set aside")
@@ -360,14 +382,16 @@ def test_a_stopping_app_node_finishes_its_messages_and_takes_no_new_ones(cluster
     log = []
     io = cluster.io_node()
     node = cluster.app_node(recording_app(log), workers=2)
-    client = cluster.client(io)
+    # two clients: one client's messages are handled one at a time
+    clients = [cluster.client(io), cluster.client(io)]
     answers = gevent.queue.Queue()
-    for _n in range(4):
-        client.sio.emit("slow", 0.5, callback=lambda *a: answers.put(a))
+    for client in clients:
+        for _n in range(2):
+            client.sio.emit("slow", 0.5, callback=lambda *a: answers.put(a))
     wait_until(lambda: len(log) == 2, message="the slow handlers did not start")
     node.stop(timeout=5)
     assert [kind for kind, _, _ in log] == ["slow-start"] * 2 + ["slow-end"] * 2
-    assert redis_client.llen(node.keys.inbox) == 2           # left for other app-nodes
+    assert inbox_messages(redis_client, node.keys) == 2     # left for other app-nodes
     assert not redis_client.exists(node.processing)
     assert node.id not in ClusterState(redis_client, node.keys).nodes(alive=None)
     cluster.app_node(recording_app(log), workers=2)
@@ -384,8 +408,9 @@ def test_a_handler_still_running_when_the_stop_times_out_is_given_back(cluster, 
     wait_until(lambda: log, message="the slow handler did not start")
     node.stop(timeout=0.5)
     assert [kind for kind, _, _ in log] == ["slow-start"]
-    returned = Envelope.decode(redis_client.lindex(node.keys.inbox, -1))
+    returned = Envelope.decode(redis_client.lindex(node.keys.queue(client.sid), -1))
     assert (returned.event, returned.attempt) == ("slow", 1)
+    assert redis_client.lrange(node.keys.ready, 0, -1) == [client.sid]
     assert not redis_client.exists(node.processing)
 
 

@@ -42,6 +42,14 @@ def say(sid, text):
 
 
 @sio.event
+def count(sid):
+    # a per-client counter in the session, as in Flask-SocketIO's example app
+    with sio.session(sid) as session:
+        session["count"] = session.get("count", 0) + 1
+        return session["count"]
+
+
+@sio.event
 def disconnect(sid, reason):
     session = sio.get_session(sid)
     if "room" in session:
