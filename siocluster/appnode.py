@@ -24,18 +24,19 @@ import time
 from typing import Dict, List, Optional
 
 import gevent
+import gevent.event
 import gevent.local
 import gevent.lock
-from redis.exceptions import NoScriptError
 
 from .app import App, load_app
 from .commands import Commands, HandlerContext, current, enter
 from .envelope import Envelope
+from .finisher import Finisher
 from .inbox import Inbox, Taken
-from .node import REDIS_DOWN, Backoff, Node, require_gevent_patch
+from .node import REDIS_DOWN, Node, require_gevent_patch
 from .reaper import Reaper
 from .streams import CommandStreams
-from .turn import Batch, Finish, Turn, add_finish
+from .turn import Batch, Finish, Turn
 
 # Clients a worker takes at once when more wait, besides one, and messages of one client:
 # one round trip to take them and one to write all their commands halves the app-node's
@@ -45,7 +46,7 @@ TAKE_MORE = 15
 PER_CLIENT = 16
 
 
-class AppNode(Node):
+class AppNode(Finisher, Node):
     """Runs an `App` on the inbox.
 
     :param app: the `App` (or ``"module:attr"`` naming it).
@@ -79,6 +80,7 @@ class AppNode(Node):
         self._ready = collections.deque()   # turns taken, not started: for the next worker
         self._busy = 0           # workers running handlers
         self._inflight: Dict[str, int] = {}   # clients (sids) the workers hold right now
+        self._init_finisher()
         # after a Redis blip: None, True (look at the processing list), or the set of
         # clients no worker held at the first look (given back if still unheld at the next)
         self._recover_due = None
@@ -319,88 +321,6 @@ class AppNode(Node):
             turn.gone = True
         return Finish(raw, context.commands, forget=envelope if gone else None, handled=True,
                       writes=context.writes)
-
-    def _finish(self, done: List[Turn]) -> None:
-        """Write what handled messages left behind, retrying while Redis is unreachable:
-        the handlers ran, so their commands wait here until Redis takes them."""
-        if not done:
-            return
-        backoff = Backoff()
-        while True:
-            try:
-                self._finish_once(done)
-            except REDIS_DOWN as exc:
-                self._redis_lost("finish", exc)
-                gevent.sleep(backoff.next())
-                continue
-            except Exception as exc:
-                # not Redis away: what the handlers left cannot be written; their clients
-                # go back, each one's oldest message with one more attempt (so a poison
-                # message ends in the dead-letter list) rather than stay held forever
-                self.logger.exception("app-node %s: could not finish %d client(s); they go "
-                                      "back to the inbox", self.id, len(done))
-                self.inbox.hand_back(self.processing, self.id, sids=[t.sid for t in done],
-                                     error=f"its finish failed: {exc!r}"[:500])
-                for turn in done:
-                    turn.finishes = []       # nothing of them was written
-            self._redis_back()
-            return
-
-    def _finish_once(self, done: List[Turn], running: Optional[Turn] = None,
-                     commands=()) -> None:
-        """One round trip writes all ``done`` and ``running`` (the turn of a handler that
-        waits, kept) left (`add_finish`), and sees whether more clients wait."""
-        turns = done if running is None else [*done, running]
-        pipe = self.redis.pipeline(transaction=False)
-        plan = add_finish(self, pipe, turns, running, commands)
-        results = pipe.execute(raise_on_error=False)
-        self._failed_writes(results[:plan.deferred])
-        if any(isinstance(result, NoScriptError) for result in results[plan.deferred:]):
-            # Redis lost its scripts (a restart): the commands and the finish did not go
-            self.inbox.load_scripts()
-            self.streams.rewrite(plan.streams)
-            self._finish_unscripted(turns, running)
-            return
-        for result in results[plan.deferred:]:
-            if isinstance(result, Exception):
-                raise result
-        self._more = results[plan.waiting] > 0
-        self.inbox.dropped(sum(results[position] for position in plan.dead_letters))
-        self._written(running)
-
-    def _failed_writes(self, results: list) -> None:
-        """`App.writes` Redis refused (the app's bug) are logged; the message is finished."""
-        for result in results:
-            if isinstance(result, Exception):
-                self.logger.error("app-node %s: a handler's app.writes() command failed: %s",
-                                  self.id, result)
-
-    def _finish_unscripted(self, turns: List[Turn], running: Optional[Turn]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        self.inbox.finish(pipe, self.processing,
-                          [turn.done(release=turn is not running) for turn in turns])
-        pipe.execute()
-        self._more = True
-        self._written(running)
-
-    def _written(self, running: Optional[Turn]) -> None:
-        """What the running turn did so far is written: counted, not written again."""
-        if running is not None:
-            self._count(running.finishes)
-            running.finishes, running.retries = [], []
-
-    def _count(self, finishes: List[Finish]) -> None:
-        for finish in finishes:
-            if finish.handled:
-                self.handled += 1
-            if finish.forget is not None:
-                self.commands.forget(finish.forget.sid)
-
-    def _settle(self, done: List[Turn]) -> None:
-        """After the round trip: count what was handled, forget clients that left."""
-        for turn in done:
-            self._count(turn.finishes)
-        self._release(turn.sid for turn in done)
 
     def flush(self) -> None:
         """Send the running handler's commands now (before a call() waits, say), with what
