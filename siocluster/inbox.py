@@ -293,7 +293,7 @@ class Inbox:
             return self._push_once(args, records, state)
 
     def _push_once(self, args: list, records, state) -> List[int]:
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=bool(records))    # MULTI only for records
         # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
         pipe.evalsha(self._push.sha, 2, self.keys.ready, self.keys.inbox_size, *args)
         for record in records:
