@@ -79,3 +79,84 @@ def make_redis(url: str, options: Optional[dict] = None):
                             ssl=parts["ssl"], **opts)
         return sentinel.master_for(parts["service"], db=parts["db"], **auth)
     return redis.Redis.from_url(url, **opts)
+
+
+class Direct:
+    """Round trips on a connection of its own, for one loop's hot path: the commands of a
+    redis-py pipeline, or one command, packed and sent in one write and their replies
+    read raw (no response callbacks), an error reply returned in its place. It skips what
+    redis-py does around each round trip (pool checkout, the readiness poll, retries,
+    pipeline bookkeeping), which costs more CPU than the round trip itself. One greenlet
+    at a time uses it; a connection error closes it (the next call reconnects) and is
+    raised as redis-py raises it::
+
+        direct = Direct(client)
+        pipe = client.pipeline(transaction=False)    # only to build the commands
+        pipe.evalsha(sha, 1, key, arg)
+        replies = direct.execute(pipe)
+    """
+
+    def __init__(self, client):
+        import gevent.lock
+
+        self._pool = client.connection_pool
+        self._conn = None
+        self._loaded = set()        # shas of the pipelines' scripts known loaded
+        self._lock = gevent.lock.Semaphore()    # one round trip on the connection at a time
+
+    def call(self, *args):
+        """One command's raw reply (an error reply raised)."""
+        reply = self._run([args])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def execute(self, pipe) -> list:
+        """Run the commands of ``pipe`` (a redis-py pipeline, used only to build them;
+        in MULTI/EXEC when it is transactional); their raw replies, errors in place."""
+        from redis.exceptions import NoScriptError
+
+        for script in pipe.scripts:
+            if script.sha not in self._loaded:
+                self.call("SCRIPT", "LOAD", script.script)
+                self._loaded.add(script.sha)
+        commands = [args for args, _ in pipe.command_stack]
+        if not pipe.transaction:
+            replies = self._run(commands)
+        else:
+            replies = self._run([("MULTI",), *commands, ("EXEC",)])
+            replies = replies[-1] if isinstance(replies[-1], list) else replies[1:-1]
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            self._loaded.clear()    # Redis lost its scripts: load them again next time
+        return replies
+
+    def _run(self, commands: list) -> list:
+
+        with self._lock:
+            return self._run_locked(commands)
+
+    def _run_locked(self, commands: list) -> list:
+        from redis.exceptions import ResponseError
+
+        conn = self._conn
+        if conn is None:
+            # checked out for good: the pool still closes it with the client (close())
+            conn = self._conn = self._pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            # a reply may be half read: the connection cannot be trusted any more
+            conn.disconnect()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._conn = None

@@ -13,6 +13,7 @@ import gevent
 import gevent.event
 from redis.exceptions import NoScriptError
 
+from .connection import Direct
 from .node import REDIS_DOWN, Backoff
 from .turn import Finish, Turn, add_finish
 
@@ -24,6 +25,7 @@ class Finisher:
     def _init_finisher(self) -> None:
         self._to_finish: List[tuple] = []   # (turns, event) waiting for the next write
         self._committing = False            # a worker is writing finished turns
+        self.committer = Direct(self.redis)   # the group commit's round trips
 
     def _finish(self, done: List[Turn]) -> None:
         """Write what ``done`` left, with what other workers finish meanwhile: while one
@@ -54,7 +56,7 @@ class Finisher:
         backoff = Backoff()
         while True:
             try:
-                self._finish_once(done)
+                self._finish_once(done, direct=True)
             except REDIS_DOWN as exc:
                 self._redis_lost("finish", exc)
                 gevent.sleep(backoff.next())
@@ -76,13 +78,14 @@ class Finisher:
             return
 
     def _finish_once(self, done: List[Turn], running: Optional[Turn] = None,
-                     commands=()) -> None:
+                     commands=(), direct: bool = False) -> None:
         """One round trip writes all ``done`` and ``running`` (the turn of a handler that
-        waits, kept) left (`add_finish`), and sees whether more clients wait."""
+        waits, kept) left (`add_finish`), and sees whether more clients wait; ``direct``
+        on the group commit's own connection."""
         turns = done if running is None else [*done, running]
         pipe = self.redis.pipeline(transaction=False)
         plan = add_finish(self, pipe, turns, running, commands)
-        results = pipe.execute(raise_on_error=False)
+        results = self.committer.execute(pipe) if direct else pipe.execute(raise_on_error=False)
         self._failed_writes(results[:plan.deferred])
         if any(isinstance(result, NoScriptError) for result in results[plan.deferred:]):
             # Redis lost its scripts (a restart): the commands and the finish did not go

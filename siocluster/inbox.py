@@ -34,6 +34,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from redis.exceptions import NoScriptError
 
+from .connection import Direct
 from .envelope import Envelope, dumps
 from .state import Keys
 
@@ -230,8 +231,7 @@ def _wire(raw) -> bytes:
 
 
 class Taken(NamedTuple):
-    """A client taken from the ready list: its sid, its session as stored (JSON, or None),
-    and its oldest messages, oldest first."""
+    """A client taken: its sid, its session as stored (JSON or None), its oldest messages."""
 
     sid: str
     session: Optional[str]
@@ -239,9 +239,8 @@ class Taken(NamedTuple):
 
 
 class Done(NamedTuple):
-    """What an app-node did with a client it holds, for `Inbox.finish`: the messages to
-    take off its queue, messages to replace in place (``(old, new)`` pairs: retries), and
-    whether to release the token."""
+    """What an app-node did with a client it holds (`Inbox.finish`): messages off its queue,
+    ``(old, new)`` retries to replace in place, and whether to release the token."""
 
     sid: str
     handled: Sequence[str] = ()
@@ -250,14 +249,10 @@ class Done(NamedTuple):
 
 
 class Inbox:
-    """The cluster's client queues, its ready and processing lists, its dead-letter list.
-
-    :param redis: a redis-py client with ``decode_responses=True``.
-    :param keys: the cluster's `Keys`.
-    :param config: the `Config` whose bounds it keeps (``inbox_maxlen``, ``dead_maxlen``,
-        ...). The dead-letter list keeps the newest ``dead_maxlen`` records, each at most
-        about ``dead_record_size`` bytes (a larger message is cut, its size noted).
-    """
+    """The client queues, the ready and processing lists, the dead-letter list, on redis-py
+    client ``redis`` (``decode_responses=True``), with the bounds of `Config` ``config``.
+    The dead-letter list keeps the newest ``dead_maxlen`` records, each cut to about
+    ``dead_record_size`` bytes."""
 
     def __init__(self, redis, keys: Keys, config):
         self.redis = redis
@@ -266,21 +261,17 @@ class Inbox:
         self.maxlen, self.max_bytes = config.inbox_maxlen, config.inbox_max_bytes
         self.client_maxlen = config.client_queue_maxlen
         self.dead_maxlen, self.dead_record_size = config.dead_maxlen, config.dead_record_size
-        self._push = redis.register_script(_PUSH)
-        self._take = redis.register_script(_TAKE)
-        self._finish = redis.register_script(_FINISH)
-        self._give_back = redis.register_script(_GIVE_BACK)
-        self._hand_back = redis.register_script(_HAND_BACK)
-        self._dead = redis.register_script(_DEAD)
-        self._disconnect = redis.register_script(_DISCONNECT)
+        (self._push, self._take, self._finish, self._give_back, self._hand_back, self._dead,
+         self._disconnect) = (redis.register_script(script) for script in (
+            _PUSH, _TAKE, _FINISH, _GIVE_BACK, _HAND_BACK, _DEAD, _DISCONNECT))
+        self._taker, self._pusher = Direct(redis), Direct(redis)    # the hot paths
 
     # ---- io-nodes ---------------------------------------------------------------------------
 
     def push(self, batch: Sequence[Tuple[str, str, str]], records=(), state=None) -> List[int]:
         """Push ``(kind, sid, envelope)`` triples in order, with the client records of
-        connects in the same transaction (``state.add_client``), so an app-node that takes
-        a connect finds its record. Returns the positions of the messages refused for space
-        (the inbox's bounds, or the client's own queue's)."""
+        connects in the same transaction (``state.add_client``); returns the positions of
+        the messages refused for space (the inbox's bounds, or the client's queue's)."""
         args = [self.keys.queue_prefix, self.maxlen, self.max_bytes, self.client_maxlen]
         for kind, sid, raw in batch:
             args += [kind, sid, raw]
@@ -298,7 +289,11 @@ class Inbox:
         pipe.evalsha(self._push.sha, 2, self.keys.ready, self.keys.inbox_size, *args)
         for record in records:
             state.add_client(record, pipe)
-        return [int(index) for index in pipe.execute()[0]]
+        replies = self._pusher.execute(pipe)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [int(index) for index in replies[0]]
 
     def push_disconnect(self, node: str, sid: str, envelope: str, pipe) -> None:
         """Add to ``pipe``: the disconnect of a client of dead io-node ``node``, pushed only
@@ -320,7 +315,7 @@ class Inbox:
         # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
         pipe.evalsha(self._take.sha, 2, self.keys.ready, processing,
                      *self._take_args(clients - 1, per_client, peek=True))
-        first, taken = pipe.execute(raise_on_error=False)
+        first, taken = self._taker.execute(pipe)
         if isinstance(first, Exception):
             raise first
         if isinstance(taken, NoScriptError):
@@ -338,8 +333,13 @@ class Inbox:
 
     def take_waiting(self, processing: str, clients: int, per_client: int):
         """`take` without blocking: the clients waiting, and whether more wait."""
-        return self._groups(self._take(keys=[self.keys.ready, processing],
-                                       args=self._take_args(clients, per_client, peek=False)))
+        args = ("EVALSHA", self._take.sha, 2, self.keys.ready, processing,
+                *self._take_args(clients, per_client, peek=False))
+        try:
+            return self._groups(self._taker.call(*args))
+        except NoScriptError:
+            self.load_scripts()
+            return self._groups(self._taker.call(*args))
 
     def _take_args(self, clients: int, per_client: int, peek: bool) -> list:
         return [self.keys.queue_prefix, self.keys.session_prefix, max(0, clients), per_client,

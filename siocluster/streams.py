@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from .connection import Direct
 from .envelope import MessageError, decode_batch, encode_batch
 from .state import Keys
 
@@ -149,6 +150,7 @@ class StreamReader:
         self.seq: Dict[str, Optional[int]] = {}
         self.check_due = False
         self.streams = streams
+        self.direct = Direct(redis)       # the reads: one loop's hot path
 
     def start(self) -> None:
         """Follow the streams from their current ends: what was written before is not ours."""
@@ -171,7 +173,8 @@ class StreamReader:
             self.check_trimmed()
             self.check_due = False
         try:
-            reply = self.redis.xread(dict(self.last_ids), count=count, block=int(block * 1000))
+            reply = self.direct.call("XREAD", "COUNT", count, "BLOCK", int(block * 1000),
+                                     "STREAMS", *self.last_ids, *self.last_ids.values())
         except Exception:
             # Redis away, most likely: whatever was trimmed meanwhile is told before anything
             # newer is applied
@@ -181,7 +184,10 @@ class StreamReader:
         if not reply:
             return commands
         entries, cap = [], None
-        for stream, items in reply:
+        # raw: a map of stream -> entries (RESP3) or pairs (RESP2); each entry is
+        # [entry id, [field, value, ...]]
+        for stream, items in (reply.items() if isinstance(reply, dict) else reply):
+            items = [(entry_id, dict(zip(pairs[::2], pairs[1::2]))) for entry_id, pairs in items]
             entries.extend((_order(entry_id, fields), stream, entry_id, fields)
                            for entry_id, fields in items)
             if len(items) >= count:

@@ -66,15 +66,17 @@ def hold(redis_client, keys, processing, clients=10_000, per_client=16):
 def hold_listener(io_node):
     """Hold an io-node's listener between two reads of the command streams, so that one read
     finds everything the test writes meanwhile; returns the gate that lets it read."""
-    real_xread = io_node.redis.xread
+    direct = io_node.reader.direct
+    real_call = direct.call
     gate, waiting = gevent.event.Event(), gevent.event.Event()
 
-    def xread(*args, **kwargs):
-        waiting.set()
-        gate.wait(10)
-        return real_xread(*args, **kwargs)
+    def call(*args):
+        if args[0] == "XREAD":
+            waiting.set()
+            gate.wait(10)
+        return real_call(*args)
 
-    io_node.redis.xread = xread
+    direct.call = call
     assert waiting.wait(5), "the io-node's listener did not read"
     return gate
 

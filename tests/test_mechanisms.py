@@ -88,19 +88,22 @@ def connected_client(cluster, log=None, **io_overrides):
 def test_a_failed_command_stream_read_resumes_from_the_last_id_applied(cluster, redis_client):
     io, client = connected_client(cluster)
     stream = io.keys.commands
-    real_xread = io.redis.xread
+    direct = io.reader.direct
+    real_call = direct.call
     calls = []
 
-    def xread(*args, **kwargs):
+    def call(*args):
+        if args[0] != "XREAD":
+            return real_call(*args)
         calls.append(args)
         if len(calls) == 1:
             # written while this node cannot read: it must get it once Redis answers again
             redis_client.xadd(stream, {"b": encode_batch(
                 [emit_command("seq", ["during"], "/", to=client.sid)])})
             raise redis.exceptions.ConnectionError("injected: connection reset")
-        return real_xread(*args, **kwargs)
+        return real_call(*args)
 
-    io.redis.xread = xread
+    direct.call = call
     wait_until(lambda: len(calls) >= 2, message="the io-node did not read again after the error")
     redis_client.xadd(stream, {"b": encode_batch(
         [emit_command("seq", ["after"], "/", to=client.sid)])})
@@ -317,30 +320,21 @@ def test_an_app_node_keeps_a_handled_messages_commands_until_redis_takes_them(cl
     io = cluster.io_node()
     node = cluster.app_node(app, workers=1)
     client = cluster.client(io)
-    real_pipeline = node.redis.pipeline
+    real_execute = node.committer.execute
     failed = []
 
-    def pipeline(*args, **kwargs):
-        pipe = real_pipeline(*args, **kwargs)
-        real_execute = pipe.execute
+    def execute(pipe):
+        # the finish: the script on the ready list, this node's processing list and the
+        # inbox's size
+        finishing = any(c[0][0] == "EVALSHA" and c[0][3:6] == (
+            node.keys.ready, node.processing, node.keys.inbox_size) for c in pipe.command_stack)
+        if finishing and log and not failed:
+            # the handler ran; Redis goes away before its commands are written
+            failed.append(True)
+            raise redis.exceptions.ConnectionError("injected: connection reset")
+        return real_execute(pipe)
 
-        def execute(*a, **kw):
-            # the finish: the script on the ready list, this node's processing list and
-            # the inbox's size
-            finishing = any(c[0][0] == "EVALSHA" and c[0][3:6] == (
-                node.keys.ready, node.processing, node.keys.inbox_size)
-                for c in pipe.command_stack)
-            if finishing and log and not failed:
-                # the handler ran; Redis goes away before its commands are written
-                failed.append(True)
-                pipe.reset()
-                raise redis.exceptions.ConnectionError("injected: connection reset")
-            return real_execute(*a, **kw)
-
-        pipe.execute = execute
-        return pipe
-
-    node.redis.pipeline = pipeline
+    node.committer.execute = execute
     assert client.call("work", 7) == [{"worked": 7}]
     assert failed, "the finish never failed: the test did not test anything"
     assert client.expect("done") == [[7]]
