@@ -251,8 +251,12 @@ def connections(name: str, args, logdir: str, generators: Generators) -> dict:
     redis = Redis.start(logdir, tag=f"conn-{name}") if name == SIOCLUSTER else None
     try:
         if name == SIOCLUSTER:
+            # every connection comes from 127.0.0.1: the per-address cap (a defence against
+            # one client host) would refuse all but its default 1,000
             system = start_cluster(redis, logdir, io_nodes=1, app_nodes=1,
-                                   workers=args.workers, tag="conn")
+                                   workers=args.workers, tag="conn", io_options=[
+                                       "--max-connections-per-address",
+                                       str(args.connections + 100)])
         else:
             system = start_baseline(logdir, tag="conn")
         try:
