@@ -29,7 +29,7 @@ from . import defaults, engine
 from .applier import CommandApplier
 from .engine import IoSocketServer
 from .entry import listen_error
-from .envelope import RESERVED_EVENTS, Envelope
+from .envelope import JSON, RESERVED_EVENTS, Envelope
 from .inbox import Inbox
 from .ioclient import Client, safe_environ, same_host_origins, shown
 from .listener import IoHttpServer
@@ -75,7 +75,7 @@ class IoNode(CommandApplier, Node):
                        "async_handlers": False,
                        "max_send_backlog": c.max_send_backlog,
                        "handshake_timeout": c.handshake_timeout,
-                       "max_attachments": c.max_attachments}
+                       "max_attachments": c.max_attachments, "json": JSON}
             options.update(server_options)
             sio = IoSocketServer(**options)
         self.sio = sio

@@ -12,6 +12,8 @@ import json
 import time
 from typing import Dict, Iterable, List, Optional
 
+from .envelope import dumps, parse
+
 
 class Keys:
     """Every Redis key of one cluster, under its prefix."""
@@ -238,10 +240,10 @@ class ClusterState:
 
     def get_session(self, sid: str) -> dict:
         raw = self.redis.get(self.keys.session(sid))
-        return json.loads(raw) if raw else {}
+        return parse(raw) if raw else {}
 
     def save_session(self, sid: str, session: dict, pipe=None) -> None:
-        (pipe or self.redis).set(self.keys.session(sid), json.dumps(session))
+        (pipe or self.redis).set(self.keys.session(sid), dumps(session))
 
     # ---- nodes ------------------------------------------------------------------------------
 

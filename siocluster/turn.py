@@ -6,10 +6,9 @@ turns in a row (a `Batch`) when its handlers never yield, to write what they all
 one round trip.
 """
 
-import json
 from typing import List, NamedTuple, Optional
 
-from .envelope import Envelope
+from .envelope import Envelope, dumps, parse
 from .inbox import Done, Taken
 
 
@@ -42,7 +41,7 @@ class Turn:
     def session(self) -> dict:
         """The client's session: the handlers of its turn share one dict."""
         if self._session is None:
-            self._session = json.loads(self._stored) if self._stored else {}
+            self._session = parse(self._stored) if self._stored else {}
         return self._session
 
     def save_session(self, session: dict) -> None:
@@ -50,17 +49,17 @@ class Turn:
 
     def mark(self) -> Optional[str]:
         """The session as it is before a handler runs, for `rollback`."""
-        return None if self._session is None else json.dumps(self._session)
+        return None if self._session is None else dumps(self._session)
 
     def rollback(self, mark: Optional[str]) -> None:
         """A handler raised: its changes to the session are dropped with its commands."""
-        self._session = None if mark is None else json.loads(mark)
+        self._session = None if mark is None else parse(mark)
 
     def changed_session(self) -> Optional[str]:
         """The session to write, when a handler changed it (JSON), else None."""
         if self._session is None or self.gone:
             return None
-        raw = json.dumps(self._session)
+        raw = dumps(self._session)
         if raw == self._stored:
             return None
         self._stored = raw

@@ -75,3 +75,22 @@ def test_python_socketio_data_convention():
     assert data_to_args(None) == [] and args_to_data([]) == ()
     assert data_to_args((1, 2)) == [1, 2] and args_to_data([1, 2]) == (1, 2)
     assert data_to_args([1, 2]) == [[1, 2]] and args_to_data([[1, 2]]) == [1, 2]
+
+
+def test_the_fast_json_reads_and_writes_what_the_standard_library_does():
+    import json
+    import math
+
+    from siocluster.envelope import JSON, dumps, loads
+
+    values = [{"a": [1, 2.5, None, True], "ü": "héllo ✓"}, 2 ** 70, -2 ** 64, 1e300,
+              "lone \ud800 surrogate", {1: "int key", "nested": {"x": []}}, [], "", 0.1]
+    for value in values:
+        expected = json.loads(json.dumps(value))
+        assert loads(dumps(value)) == expected, value
+        assert json.loads(JSON.dumps(value, separators=(",", ":"))) == expected, value
+        # what reaches a websocket is always valid UTF-8
+        JSON.dumps(value, separators=(",", ":")).encode("utf-8")
+    assert math.isnan(loads(json.dumps(float("nan"))))
+    with pytest.raises(MessageError):
+        loads("{not json")
