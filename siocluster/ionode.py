@@ -36,6 +36,7 @@ from .listener import IoHttpServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
 from .streams import CommandStreams
+from .transport import IoPacket
 
 CLOSING = "this io-node is shutting down: connect to another"
 NO_VERDICT = "no answer from the app tier in time: try again shortly"
@@ -75,7 +76,8 @@ class IoNode(CommandApplier, Node):
                        "async_handlers": False,
                        "max_send_backlog": c.max_send_backlog,
                        "handshake_timeout": c.handshake_timeout,
-                       "max_attachments": c.max_attachments, "json": JSON}
+                       "max_attachments": c.max_attachments, "json": JSON,
+                       "serializer": IoPacket}
             options.update(server_options)
             sio = IoSocketServer(**options)
         self.sio = sio

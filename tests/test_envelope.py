@@ -94,3 +94,15 @@ def test_the_fast_json_reads_and_writes_what_the_standard_library_does():
     assert math.isnan(loads(json.dumps(float("nan"))))
     with pytest.raises(MessageError):
         loads("{not json")
+
+
+def test_the_io_nodes_packets_tell_binary_data_as_python_socketios_do():
+    from socketio.packet import Packet
+
+    from siocluster.transport import IoPacket
+
+    samples = [None, 1, "text", b"bytes", bytearray(b"x"), [1, [2, {"a": b"deep"}]],
+               {"a": [1, 2], "b": {"c": "d"}}, [[[[]]]], ("tuple", b"not looked into"),
+               {"k": [{"x": bytearray(b"y")}]}]
+    for data in samples:
+        assert IoPacket.data_is_binary(data) == Packet.data_is_binary(data), data
