@@ -21,15 +21,24 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>tls</title>
 <script src="/socket.io.min.js"></script>
 <script>
   window.results = {};
+  const sockets = {};
+  // both say something once both are connected: a broadcast reaches connected clients only
+  const sayAll = () => {
+    if (Object.values(sockets).filter((socket) => socket.connected).length < 2) return;
+    for (const [transport, socket] of Object.entries(sockets)) {
+      socket.emit("say", "from " + transport,
+                  (answer) => { window.results[transport].ack = answer; });
+    }
+  };
   for (const transport of ["websocket", "polling"]) {
     const result = window.results[transport] = {said: []};
-    const socket = io("https://127.0.0.1:%(port)d", {transports: [transport],
-                                                      reconnection: false});
+    const socket = sockets[transport] = io("https://127.0.0.1:%(port)d",
+                                           {transports: [transport], reconnection: false});
     socket.on("connect_error", (error) => { result.error = String(error); });
     socket.on("said", (data) => { result.said.push(data.text); });
     socket.on("connect", () => {
       result.transport = socket.io.engine.transport.name;
-      socket.emit("say", "from " + transport, (answer) => { result.ack = answer; });
+      sayAll();
     });
   }
 </script>
