@@ -29,7 +29,11 @@ from bench.systems import raise_file_limit
 
 
 def make_server(redis_url=None, channel="socketio"):
-    manager = socketio.RedisManager(redis_url, channel=channel) if redis_url else None
+    # room for bursts in redis-py's pool (its default, 100, fails RedisManager's publishes
+    # under overload and drops its subscription: bench/chat_baseline.py says more)
+    manager = socketio.RedisManager(redis_url, channel=channel,
+                                    redis_options={"max_connections": 1000}) \
+        if redis_url else None
     return register(socketio.Server(async_mode="gevent", client_manager=manager))
 
 

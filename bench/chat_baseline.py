@@ -30,7 +30,6 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
     monkey.patch_all()
 
 import argparse
-import functools
 import json
 import time
 import uuid
@@ -38,45 +37,17 @@ import uuid
 import redis
 import socketio
 
-MAX_NAME = 32
-MAX_ROOM = 64
-MAX_TEXT = 2000
-HISTORY = 50
-
-
-class BadInput(ValueError):
-    """A message the chat refuses; its text goes back to the client as ``error``."""
-
-
-def answers(handler):
-    """Run ``handler(sid, payload)``; a `BadInput` becomes the ack ``{ok: false, error}``."""
-
-    @functools.wraps(handler)
-    def wrapper(sid, *args):
-        try:
-            if len(args) != 1 or not isinstance(args[0], dict):
-                raise BadInput("send one object as the payload, e.g. {\"text\": \"hi\"}")
-            return handler(sid, args[0])
-        except BadInput as exc:
-            return {"ok": False, "error": str(exc)}
-    return wrapper
-
-
-def field(payload: dict, key: str, limit: int) -> str:
-    value = payload.get(key)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise BadInput(f"{key} is required")
-    if not isinstance(value, str):
-        raise BadInput(f"{key} must be a string")
-    if len(value.strip()) > limit:
-        raise BadInput(f"{key} is longer than {limit} characters")
-    return value.strip()
-
-
-def channel(room: str) -> str:
-    # the Socket.IO room of a chat room: every client's sid is a room too, and a chat room
-    # named like someone's sid must not reach that client
-    return "chat:" + room
+# the protocol's input rules, written once: the example chat's own
+from example_chat.app import (
+    HISTORY,
+    MAX_NAME,
+    MAX_ROOM,
+    MAX_TEXT,
+    BadInput,
+    answers,
+    channel,
+    field,
+)
 
 
 def create_server(redis_url: str, channel_name: str = "socketio",

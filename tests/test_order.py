@@ -106,6 +106,18 @@ def test_a_failed_message_is_retried_before_the_clients_later_ones(cluster):
     assert handled == [0, 1, 2, 3, 4, 5, 5, *range(6, 20)]
 
 
+def two_steps_waiting(cluster):
+    """A client's connect and two `step` events waiting in its queue, no app-node yet: an
+    app-node started next takes them together."""
+    io = cluster.io_node(connect_timeout=0.3, connect_timeout_accept=True)
+    client = EventClient().connect_to(io)
+    cluster.clients.append(client)
+    client.sio.emit("step", 0)
+    client.sio.emit("step", 1)
+    inbox = Inbox(io.redis, Keys(cluster.config.prefix), cluster.config)
+    wait_until(lambda: inbox.size()[0] == 3, message="the events did not reach the inbox")
+
+
 def test_with_async_handlers_one_clients_handlers_run_side_by_side(cluster):
     app, overlapped = App(async_handlers=True), []
     second = gevent.event.Event()
@@ -118,15 +130,7 @@ def test_with_async_handlers_one_clients_handlers_run_side_by_side(cluster):
         else:
             second.set()
 
-    # no app-node yet: both events wait in the client's queue and are taken together
-    io = cluster.io_node(connect_timeout=0.3, connect_timeout_accept=True)
-    client = EventClient().connect_to(io)
-    cluster.clients.append(client)
-    client.sio.emit("step", 0)
-    client.sio.emit("step", 1)
-    keys = Keys(cluster.config.prefix)
-    inbox = Inbox(io.redis, keys, cluster.config)
-    wait_until(lambda: inbox.size()[0] == 3, message="the events did not reach the inbox")
+    two_steps_waiting(cluster)
     cluster.app_node(app)
     wait_until(lambda: overlapped, timeout=10, message="the first handler never ran")
     assert overlapped == [True], "the second handler did not start while the first waited"
@@ -144,14 +148,7 @@ def test_without_async_handlers_the_same_messages_wait_their_turn(cluster):
             second.set()
         handled.append(n)
 
-    io = cluster.io_node(connect_timeout=0.3, connect_timeout_accept=True)
-    client = EventClient().connect_to(io)
-    cluster.clients.append(client)
-    client.sio.emit("step", 0)
-    client.sio.emit("step", 1)
-    keys = Keys(cluster.config.prefix)
-    inbox = Inbox(io.redis, keys, cluster.config)
-    wait_until(lambda: inbox.size()[0] == 3, message="the events did not reach the inbox")
+    two_steps_waiting(cluster)
     cluster.app_node(app, workers=8)
     wait_until(lambda: handled == [0, 1], timeout=10, message=f"handled {handled}")
     assert overlapped == [False]
