@@ -4,10 +4,10 @@ App-nodes run it (`AppNode` starts a `Reaper` in a greenlet). A node is dead whe
 ``<prefix>:alive:<id>`` key expired: no heartbeat for ``node_ttl`` seconds. One pass, done
 by one app-node at a time under a short Redis lock about once per heartbeat interval:
 
-- a dead **app-node**: the messages in its processing list go back to the inbox with
-  ``attempt + 1``, first in line; a message already tried ``max_attempts`` times goes to the
-  dead-letter list instead, with the error "app-node ... died while handling it" (a
-  message that keeps killing its app-node);
+- a dead **app-node**: the clients in its processing list go back to the front of the
+  line, each one's oldest message with ``attempt + 1``; a message already tried
+  ``max_attempts`` times goes to the dead-letter list instead, with the error "app-node ...
+  died while handling it" (a message that keeps killing its app-node);
 - a dead **io-node**: each of its clients gets a synthesized ``disconnect`` envelope (reason
   ``"io-node died"``), so the app tier runs its disconnect handler and forgets the client
   (presence, rooms, client record, session); then its command stream is deleted;
@@ -111,8 +111,8 @@ class Reaper:
         return buried
 
     def reap_app_node(self, node: str) -> Dict[str, int]:
-        """Hand the messages a dead app-node was handling to the others."""
-        # a processing list is small: at most a batch (16) per worker of its app-node
+        """Hand the clients a dead app-node was handling to the others."""
+        # a processing list is small: at most a take (16 clients) per worker of its app-node
         inbox, dead = self.inbox.hand_back(self.keys.processing(node), node,
                                            error=f"app-node {node} died while handling it")
         if inbox or dead:
