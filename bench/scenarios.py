@@ -219,11 +219,13 @@ def _p99_key(result: dict) -> float:
 
 # ---- chat fan-out ---------------------------------------------------------------------------
 
-def fanout_step(target: Target, rate: float, step: int, warmup: float,
-                duration: float) -> dict:
+def _room_step(target: Target, op: str, rate: float, step: int, warmup: float,
+               duration: float):
+    """One measured step of a room load (``fanout`` or ``chat``): the generators' replies,
+    the messages sent, the latency histogram (the lost counted infinitely late) and the
+    figures both scenarios report."""
     target.generators.run("quiet")
-    replies, window = target.timed("fanout", warmup, duration,
-                                   target.commands(rate, step=step))
+    replies, window = target.timed(op, warmup, duration, target.commands(rate, step=step))
     sent = sum(r["sent"] for r in replies)
     delivered = sum(r["delivered"] for r in replies)
     hist = Histogram.merged(r["hist"] for r in replies)
@@ -233,6 +235,12 @@ def fanout_step(target: Target, rate: float, step: int, warmup: float,
               "out_per_s": round(sum(r["delivered_in_window"] for r in replies) / duration, 1),
               **_percentiles(hist), "lost": lost, "window": window,
               "redis_per_message": per_message(window["redis_calls"], sent)}
+    return replies, sent, hist, result
+
+
+def fanout_step(target: Target, rate: float, step: int, warmup: float,
+                duration: float) -> dict:
+    _, sent, hist, result = _room_step(target, "fanout", rate, step, warmup, duration)
     p99 = hist.percentile(99)
     result["held"] = bool(sent >= HELD_SEND_RATIO * rate * duration and p99 < LATENCY_GOAL)
     return result
@@ -334,21 +342,12 @@ def chat_step(target: Target, rate: float, step: int, warmup: float, duration: f
     """One step of the example chat: every member says something, ``rate`` messages per
     second in all. Held when the generators sent at least 95% of the rate, nothing was lost
     and the p99 delivery latency is under 100 ms."""
-    target.generators.run("quiet")
-    replies, window = target.timed("chat", warmup, duration, target.commands(rate, step=step))
-    sent = sum(r["sent"] for r in replies)
-    delivered = sum(r["delivered"] for r in replies)
-    hist = Histogram.merged(r["hist"] for r in replies)
-    lost = max(0, sent * ROOM_SIZE - delivered)
-    hist.add_lost(lost)
-    result = {"target_in_per_s": round(rate, 1), "in_per_s": round(sent / duration, 1),
-              "out_per_s": round(sum(r["delivered_in_window"] for r in replies) / duration, 1),
-              **_percentiles(hist), "lost": lost,
-              "acks": {key: sum(r[key] for r in replies)
-                       for key in ("acked", "refused", "unanswered")},
-              "refusals": [x for r in replies for x in r["refusals"]][:3],
-              "window": window, "cpu_us_per_message": cpu_per_message(window, sent),
-              "redis_per_message": per_message(window["redis_calls"], sent)}
+    replies, sent, hist, result = _room_step(target, "chat", rate, step, warmup, duration)
+    lost = result["lost"]
+    result.update(acks={key: sum(r[key] for r in replies)
+                        for key in ("acked", "refused", "unanswered")},
+                  refusals=[x for r in replies for x in r["refusals"]][:3],
+                  cpu_us_per_message=cpu_per_message(result["window"], sent))
     p99 = hist.percentile(99)
     result["held"] = bool(sent >= HELD_SEND_RATIO * rate * duration and lost == 0
                           and p99 < LATENCY_GOAL)
