@@ -7,9 +7,12 @@ being read, the attachments a binary message announces.
 """
 
 import collections
+import contextlib
 import logging
+import socket as stdlib_socket
 import struct
 import time
+from typing import Optional
 
 import gevent
 from engineio import packet as eio_packet
@@ -180,3 +183,130 @@ class IoPacket(sio_packet.Packet):
                 pending.extend(item.values())
         return False
 
+
+class FrameWriter:
+    """Writes one connection's bytes in order without ever blocking the caller.
+
+    :param sock: the connection's gevent socket, or gevent's TLS socket.
+    :param raw: the real socket under ``sock`` (non-blocking under gevent).
+    :param direct: whether frames may go to ``raw`` at once (not under TLS).
+    :param limit: bytes that may wait for the client; past that it is cut off.
+    :param on_overflow: called (once, with the bytes waiting) when the client is cut off.
+    """
+
+    __slots__ = ("_socket", "_raw", "_direct", "_backlog", "_waiting", "_limit", "_flusher",
+                 "_on_overflow", "broken", "_held")
+
+    #: while `corked`: the writers holding frames, each written in one send at its end
+    holding: Optional[list] = None
+
+    def __init__(self, sock, raw, direct: bool, limit: int, on_overflow=None):
+        self._socket, self._raw, self._direct = sock, raw, direct
+        self._held = None                 # frames held while `corked`
+        self._backlog = None              # bytes the kernel did not take yet, in order
+        self._waiting = 0
+        self._limit = limit
+        self._flusher = None
+        self._on_overflow = on_overflow
+        self.broken = False
+
+    @property
+    def waiting(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return self._waiting
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        holding = FrameWriter.holding
+        if holding is not None:
+            if self._held is None:
+                self._held = []
+                holding.append(self)
+            self._held.append(data)
+            return
+        self._send(data)
+
+    def release(self) -> None:
+        """Write the frames held while `corked`, in one send."""
+        held, self._held = self._held, None
+        if held and not self.broken:
+            self._send(held[0] if len(held) == 1 else b"".join(held))
+
+    def _send(self, data: bytes) -> None:
+        if self._flusher is None:
+            sent = 0
+            if self._direct:
+                try:
+                    sent = self._raw.send(data)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    # the reader sees the same error or the end of the stream and closes
+                    self.broken = True
+                    return
+                if sent == len(data):
+                    return
+            data = data[sent:]
+            self._backlog = []
+            self._flusher = gevent.spawn(self._flush)
+        self._backlog.append(data)
+        self._waiting += len(data)
+        if self._waiting > self._limit:
+            self._cut(self._waiting)
+
+    def _flush(self) -> None:
+        try:
+            while self._backlog:
+                chunk = b"".join(self._backlog)
+                self._backlog = []
+                self._socket.sendall(chunk)
+                self._waiting -= len(chunk)
+        except OSError:
+            self.broken = True
+        finally:
+            self._backlog = None
+            self._waiting = 0
+            self._flusher = None
+
+    def _cut(self, waiting: int) -> None:
+        self.broken = True
+        self._backlog = []
+        self.shutdown()
+        if self._on_overflow is not None:
+            self._on_overflow(waiting)
+
+    def shutdown(self) -> None:
+        """End the connection now: the reader wakes to the end of the stream and closes
+        it as usual, whether or not the client is still there to answer."""
+        try:
+            self._raw.shutdown(stdlib_socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self, timeout: float) -> None:
+        """Give the backlog ``timeout`` seconds to drain, then write nothing more."""
+        self.release()
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.join(timeout)
+            if not flusher.dead:
+                flusher.kill(block=False)
+        self.broken = True
+
+
+@contextlib.contextmanager
+def corked():
+    """Hold the frames written inside (a batch of commands applied), then write each
+    connection's in one send: a client told several things at once (its ack and the
+    room's message, or several of the room's) costs one system call, not one each."""
+    if FrameWriter.holding is not None:
+        yield
+        return
+    FrameWriter.holding = writers = []
+    try:
+        yield
+    finally:
+        FrameWriter.holding = None
+        for writer in writers:
+            writer.release()
