@@ -36,7 +36,7 @@ from .listener import IoHttpServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
 from .streams import CommandStreams
-from .transport import IoPacket, corked
+from .transport import IoPacket
 
 CLOSING = "this io-node is shutting down: connect to another"
 NO_VERDICT = "no answer from the app tier in time: try again shortly"
@@ -379,12 +379,11 @@ class IoNode(CommandApplier, Node):
     def _listen_step(self):
         commands = self.reader.read(defaults.COMMAND_BATCH, self.config.pop_timeout)
         self._redis_back()
-        with corked():      # what one client is sent from this batch goes in one write
-            for command in commands:
-                try:
-                    self.apply(command)
-                except Exception:
-                    self.logger.exception("io-node %s: command %r failed", self.id, command)
+        for command in commands:
+            try:
+                self.apply(command)
+            except Exception:
+                self.logger.exception("io-node %s: command %r failed", self.id, command)
 
     def _sweep_step(self):
         """Forget acks nobody answered in time, so memory stays bounded."""

@@ -14,7 +14,7 @@ from engineio import packet as eio_packet
 from gevent import socket as gsocket
 
 from siocluster import App, IoNode
-from siocluster.engine import frame_writer, websocket_frame
+from siocluster.engine import FrameWriter, websocket_frame
 from tests.helpers import EventClient, wait_until
 
 
@@ -61,7 +61,7 @@ def read_exactly(sock, count: int) -> bytes:
 def test_writer_never_blocks_and_keeps_order():
     ours, peer = gsocket.socketpair()
     with ours, peer:
-        writer = frame_writer(ours, limit=64 << 20)
+        writer = FrameWriter(ours, limit=64 << 20)
         chunks = [bytes([n]) * 65536 for n in range(128)]      # 8 MB: more than the kernel takes
         for chunk in chunks:
             # the peer reads nothing yet, and no other greenlet runs: a write that waited
@@ -78,7 +78,7 @@ def test_writer_cuts_off_a_client_past_its_limit():
     ours, peer = gsocket.socketpair()
     with ours, peer:
         cut = []
-        writer = frame_writer(ours, limit=1 << 20, on_overflow=cut.append)
+        writer = FrameWriter(ours, limit=1 << 20, on_overflow=cut.append)
         written = 0
         for _ in range(1000):
             if cut:
@@ -335,26 +335,3 @@ def test_every_private_name_engine_py_relies_on_is_there():
     with gsocket.socket() as sock:
         assert hasattr(sock._sock, "send")
     assert "pre_start_hook" in inspect.getsource(WebSocketHandler.run_application)
-
-
-def test_frames_written_while_corked_go_in_one_send_in_order(monkeypatch):
-    from siocluster.transport import FrameWriter, corked
-
-    sends, real_send = [], FrameWriter._send
-    monkeypatch.setattr(FrameWriter, "_send",
-                        lambda self, data: (sends.append(data), real_send(self, data)))
-    ours, peer = gsocket.socketpair()
-    with ours, peer:
-        writer = frame_writer(ours, limit=1 << 20)
-        with corked():
-            writer.write(b"one ")
-            writer.write(b"two ")
-            with corked():                     # nested: the outer one holds
-                writer.write(b"three")
-            assert sends == [], "a corked frame was sent before the cork ended"
-        assert sends == [b"one two three"]
-        assert read_exactly(peer, 13) == b"one two three"
-        with corked():
-            writer.write(b"held")
-            writer.finish(timeout=1)           # a connection that ends sends what it held
-        assert read_exactly(peer, 4) == b"held"
