@@ -155,8 +155,3 @@ class Direct:
             # a reply may be half read: the connection cannot be trusted any more
             conn.disconnect()
             raise
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.disconnect()
-            self._conn = None

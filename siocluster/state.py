@@ -242,8 +242,8 @@ class ClusterState:
         raw = self.redis.get(self.keys.session(sid))
         return parse(raw) if raw else {}
 
-    def save_session(self, sid: str, session: dict, pipe=None) -> None:
-        (pipe or self.redis).set(self.keys.session(sid), dumps(session))
+    def save_session(self, sid: str, session: dict) -> None:
+        self.redis.set(self.keys.session(sid), dumps(session))
 
     # ---- nodes ------------------------------------------------------------------------------
 
