@@ -2,13 +2,24 @@
 // when that io-node goes away, to another one by itself: it asks /config.json for the io-nodes
 // alive now, avoids the ones that just failed, and joins the room it was in again.
 // `?io=8082` (a port or a URL) prefers one io-node, for trying the failover by hand.
+// The chat page. It keeps one Socket.IO socket for its whole life, first connected to an io-node
+// of window.SIOCLUSTER (from /config.js). When the connection drops, socket.io's own
+// reconnection tries again, and right before each attempt the page points it at an io-node of
+// the live list (/config.json), avoiding the ones that just failed. The same socket back within
+// the server's recovery window (RECOVERY_WINDOW) gets its session back: the same id, still in
+// its room, and every message it missed, so it joins nothing again. Later than that, it is a
+// new client and joins its room again (what was said meanwhile comes in the room's history).
+// `?io=8082` (a port or a URL) prefers one io-node, for trying the failover by hand.
+// window.chatSocket is the socket, window.chatState what happened to it (for the tests).
 (function () {
   "use strict";
 
-  const RETRY_MIN = 200;        // ms before the first attempt at another io-node
-  const RETRY_MAX = 5000;       // the wait doubles up to this while none answers
-  const AVOID_FOR = 30000;      // ms an io-node that failed is not tried again
-  const ACK_TIMEOUT = 10000;    // ms to wait for the server's answer to join or say
+  const RECONNECT_DELAY = 500;       // ms before the first attempt after a drop (±50%)
+  const RECONNECT_DELAY_MAX = 3000;  // the wait doubles up to this while none answers
+  const CONNECT_TIMEOUT = 5000;      // ms an attempt may take
+  const AVOID_FOR = 30000;           // ms an io-node that failed is not tried again
+  const ACK_TIMEOUT = 10000;         // ms to wait for the server's answer to join or say
+  const LIST_RETRY = 2000;           // ms between looks at /config.json while it lists none
 
   const configUrl = document.body.dataset.configUrl;
   const preferred = new URLSearchParams(location.search).get("io");
@@ -19,10 +30,21 @@
   let servers = (window.SIOCLUSTER && window.SIOCLUSTER.ioServers) || [];
   const failedAt = new Map();   // io-node url -> when it failed
   let socket = null;
+  let current = null;           // url of the io-node the socket uses or tries
+  let everConnected = false;
   let joined = null;            // {name, room} once the server accepted a join
-  let retry = RETRY_MIN;
+  let retry = RECONNECT_DELAY;  // for the reconnects socket.io leaves to the page
   let timer = null;
   const seen = new Set();       // ids of the messages shown
+  const chatState = {
+    sid: null,          // socket.id while connected
+    url: null,          // the io-node connected to
+    connects: 0,        // connections made, the first one included
+    recoveries: 0,      // reconnects with the session recovered (socket.recovered)
+    rejoins: 0,         // reconnects as a new client, after which the page joined again
+    repeats: 0,         // `said` events for a message already shown (none expected)
+  };
+  window.chatState = chatState;
 
   function status(text, state, url) {
     const node = el("status");
@@ -53,47 +75,115 @@
     }
   }
 
-  function connect() {
+  function start() {
     const server = pick();
     if (!server) {
       status("no io-node is up; retrying…", "down");
-      schedule();
+      timer = setTimeout(async () => {
+        await refreshServers();
+        start();
+      }, LIST_RETRY);
       return;
     }
-    status("connecting to " + server.url + "…", "connecting", server.url);
-    // reconnection is ours: socket.io's own would only ever retry the same io-node
-    const s = io(server.url, { reconnection: false, forceNew: true, timeout: 5000 });
-    socket = s;
-    s.on("connect", () => {
-      retry = RETRY_MIN;
-      status("connected to " + server.url, "connected", server.url);
-      if (joined) join(joined.name, joined.room, true);
+    current = server.url;
+    status("connecting to " + current + "…", "connecting", current);
+    socket = io(current, {
+      forceNew: true,
+      reconnection: true,
+      reconnectionDelay: RECONNECT_DELAY,
+      reconnectionDelayMax: RECONNECT_DELAY_MAX,
+      timeout: CONNECT_TIMEOUT,
     });
-    s.on("disconnect", (reason) => {
-      if (reason !== "io client disconnect") lost(s, server, reason);
-    });
-    s.on("connect_error", (err) => lost(s, server, err.message));
-    s.on("said", onSaid);
-    s.on("presence", onPresence);
+    window.chatSocket = socket;
+    socket.on("connect", onConnect);
+    socket.on("disconnect", onDisconnect);
+    socket.on("connect_error", onConnectError);
+    // every server event carries the recovery offset as its last argument: only the first
+    // argument is the chat's
+    socket.on("said", (message) => onSaid(message));
+    socket.on("presence", (presence) => onPresence(presence));
+    socket.io.on("reconnect_attempt", onReconnectAttempt);
   }
 
-  function lost(s, server, why) {
-    if (s !== socket) return;
-    failedAt.set(server.url, Date.now());
-    s.off();
-    s.close();
-    socket = null;
-    status("lost " + server.url + " (" + why + "); switching io-node…", "reconnecting");
-    schedule();
+  // The Manager opens each new connection from socket.io.uri, right after this event.
+  function onReconnectAttempt(attempt) {
+    const server = pick();
+    if (server) moveTo(server.url);
+    status("connecting to " + current + " (attempt " + attempt + ")…", "connecting", current);
+    refreshServers();             // for the next attempt, if this one fails
   }
 
-  function schedule() {
+  function moveTo(url) {
+    current = url;
+    socket.io.uri = url;
+  }
+
+  function onConnect() {
+    retry = RECONNECT_DELAY;
+    clearTimeout(timer);
+    chatState.sid = socket.id;
+    chatState.url = current;
+    chatState.connects += 1;
+    const again = everConnected;
+    everConnected = true;
+    if (socket.recovered) {
+      // same id, same room, and the events missed meanwhile come now, in order: nothing to do
+      chatState.recoveries += 1;
+      status("reconnected to " + current + ": session recovered, nothing missed", "connected",
+             current);
+      if (joined) addNotice("connection lost and recovered: nothing missed");
+    } else if (again && joined) {
+      chatState.rejoins += 1;
+      status("connected anew to " + current + ": joining again…", "connected", current);
+      const url = current;
+      join(joined.name, joined.room, true, () => {
+        if (socket.connected && current === url) {
+          status("connected anew to " + url + ": joined again", "connected", url);
+        }
+        addNotice("reconnected as a new client: joined " + joined.room + " again");
+      });
+    } else {
+      status("connected to " + current, "connected", current);
+    }
+  }
+
+  function onDisconnect(reason) {
+    chatState.sid = null;
+    if (reason === "io client disconnect") return;       // the page closed it
+    failedAt.set(current, Date.now());
+    refreshServers();             // a fresh list for the reconnect
+    if (reason === "io server disconnect") {
+      // the server ended this client: socket.io leaves reconnecting to the page then
+      status("disconnected by " + current + "; reconnecting…", "reconnecting");
+      reconnectLater();
+    } else {
+      status("lost " + current + " (" + reason + "); reconnecting…", "reconnecting");
+    }
+  }
+
+  function onConnectError(err) {
+    failedAt.set(current, Date.now());
+    if (socket.active) {
+      // no connection at all: socket.io tries again by itself (onReconnectAttempt)
+      status("cannot reach " + current + " (" + err.message + "); trying again…", "reconnecting");
+    } else {
+      // the server answered but refused the client (busy, no verdict in time)
+      status("refused by " + current + " (" + err.message + "); retrying…", "reconnecting");
+      reconnectLater();
+    }
+  }
+
+  function reconnectLater() {
     clearTimeout(timer);
     timer = setTimeout(async () => {
       await refreshServers();
-      connect();
+      if (socket.connected) return;
+      const server = pick();
+      if (server) moveTo(server.url);
+      status("connecting to " + current + "…", "connecting", current);
+      socket.connect();
     }, retry);
-    retry = Math.min(retry * 2, RETRY_MAX);
+    retry = Math.min(retry * 2, RECONNECT_DELAY_MAX);
   }
 
   function request(event, payload, done) {
@@ -111,7 +201,7 @@
     });
   }
 
-  function join(name, room, again) {
+  function join(name, room, again, then) {
     request("join", { name, room }, (answer) => {
       const sameRoom = again && joined && joined.room === answer.room;
       joined = { name: name.trim(), room: answer.room };
@@ -123,6 +213,7 @@
       // after a reconnect: what was said meanwhile is in the history, the rest is shown
       answer.history.forEach(addMessage);
       showMembers(answer.members);
+      if (then) then();
     });
   }
 
@@ -168,7 +259,9 @@
   }
 
   function onSaid(message) {
-    if (joined && message.room === joined.room) addMessage(message);
+    if (!joined || message.room !== joined.room) return;
+    if (seen.has(message.id)) chatState.repeats += 1;
+    addMessage(message);
   }
 
   function onPresence(presence) {
@@ -194,6 +287,6 @@
   if (typeof io === "undefined") {
     status("the Socket.IO client did not load (/socket.io.min.js); reload the page", "down");
   } else {
-    connect();
+    start();
   }
 })();
