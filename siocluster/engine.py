@@ -27,13 +27,10 @@ that every name it relies on is there.
 """
 
 import logging
-import socket as stdlib_socket
-import ssl
 import struct
 
 import engineio
 import gevent
-import gevent.ssl
 import socketio
 from engineio import packet as eio_packet
 from engineio.socket import Socket
@@ -41,11 +38,10 @@ from socketio import packet as sio_packet
 
 from . import defaults
 from .ioclient import shown
-from .transport import MessageCap, Pinger, PollingBounds, attachment_count
+from .transport import FrameWriter, MessageCap, Pinger, PollingBounds, attachment_count
 
 # the versions this module was written and tested against (setup.cfg pins the same ranges)
 TESTED_WITH = {"python-engineio": "4.15", "python-socketio": "5.18", "gevent-websocket": "0.10"}
-TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)      # the standard library's, gevent's
 # engineio's own logger stays quiet unless asked (engineio_logger=True); a slow client cut
 # off is the io-node's news
 logger = logging.getLogger("siocluster.io-node")
@@ -73,98 +69,6 @@ def websocket_frame(pkt: eio_packet.Packet) -> bytes:
             header = struct.pack("!BBQ", opcode, 127, size)
         frame = pkt._ws_frame = header + data
     return frame
-
-
-class FrameWriter:
-    """Writes one connection's bytes in order without ever blocking the caller.
-
-    :param sock: the connection's gevent socket, or gevent's TLS socket.
-    :param limit: bytes that may wait for the client; past that it is cut off.
-    :param on_overflow: called (once, with the bytes waiting) when the client is cut off.
-    """
-
-    __slots__ = ("_socket", "_raw", "_direct", "_backlog", "_waiting", "_limit", "_flusher",
-                 "_on_overflow", "broken")
-
-    def __init__(self, sock, limit: int, on_overflow=None):
-        self._socket = sock
-        self._raw = sock._sock            # the real socket, non-blocking under gevent
-        # under TLS the real socket would carry frames in clear text: the flusher writes
-        # them to the TLS one (whose writes the kernel did not take must be retried as is)
-        self._direct = not isinstance(sock, TLS_SOCKETS)
-        self._backlog = None              # bytes the kernel did not take yet, in order
-        self._waiting = 0
-        self._limit = limit
-        self._flusher = None
-        self._on_overflow = on_overflow
-        self.broken = False
-
-    @property
-    def waiting(self) -> int:
-        """Bytes written but not yet taken by the kernel."""
-        return self._waiting
-
-    def write(self, data: bytes) -> None:
-        if self.broken:
-            return
-        if self._flusher is None:
-            sent = 0
-            if self._direct:
-                try:
-                    sent = self._raw.send(data)
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    # the reader sees the same error or the end of the stream and closes
-                    self.broken = True
-                    return
-                if sent == len(data):
-                    return
-            data = data[sent:]
-            self._backlog = []
-            self._flusher = gevent.spawn(self._flush)
-        self._backlog.append(data)
-        self._waiting += len(data)
-        if self._waiting > self._limit:
-            self._cut(self._waiting)
-
-    def _flush(self) -> None:
-        try:
-            while self._backlog:
-                chunk = b"".join(self._backlog)
-                self._backlog = []
-                self._socket.sendall(chunk)
-                self._waiting -= len(chunk)
-        except OSError:
-            self.broken = True
-        finally:
-            self._backlog = None
-            self._waiting = 0
-            self._flusher = None
-
-    def _cut(self, waiting: int) -> None:
-        self.broken = True
-        self._backlog = []
-        self.shutdown()
-        if self._on_overflow is not None:
-            self._on_overflow(waiting)
-
-    def shutdown(self) -> None:
-        """End the connection now: the reader wakes to the end of the stream and closes
-        it as usual, whether or not the client is still there to answer."""
-        try:
-            self._raw.shutdown(stdlib_socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def finish(self, timeout: float) -> None:
-        """Give the backlog ``timeout`` seconds to drain, then write nothing more."""
-        flusher = self._flusher
-        if flusher is not None:
-            flusher.join(timeout)
-            if not flusher.dead:
-                flusher.kill(block=False)
-        self.broken = True
 
 
 class EngineSocket(PollingBounds, Socket):
@@ -240,7 +144,7 @@ class EngineSocket(PollingBounds, Socket):
             self.connected = True
             self.upgraded = True
 
-        writer = FrameWriter(sock, server.max_send_backlog, self._overflowed)
+        writer = FrameWriter(sock, sock._sock, server.max_send_backlog, self._overflowed)
         websocket.raw_write = writer.write      # gevent-websocket's own frames go in order too
         # what was sent before (the open packet, or packets sent during the upgrade) first;
         # nothing here yields, so no packet can pass them

@@ -1,20 +1,26 @@
 """What the io-node's Engine.IO connections need besides engineio's own code, with no private
 name of any dependency: one greenlet for every connection's pings, and the bounds on what a
 client may make the io-node hold: packets waiting for a polling client, a websocket message
-being read, the attachments a binary message announces.
+being read, the attachments a binary message announces; and the writer that sends a
+websocket connection's frames without ever blocking the io-node.
 
 `siocluster.engine` uses these; nothing here is needed to run an io-node by hand.
 """
 
 import collections
 import logging
+import socket as stdlib_socket
+import ssl
 import struct
 import time
 
 import gevent
+import gevent.ssl
 from engineio import packet as eio_packet
 from geventwebsocket.exceptions import WebSocketError
 from socketio import packet as sio_packet
+
+TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)      # the standard library's, gevent's
 
 _PING = eio_packet.Packet(eio_packet.PING)
 CLOSE_TOO_BIG = 1009       # RFC 6455: a message too big to process
@@ -180,3 +186,95 @@ class IoPacket(sio_packet.Packet):
                 pending.extend(item.values())
         return False
 
+
+class FrameWriter:
+    """Writes one connection's bytes in order without ever blocking the caller.
+
+    :param sock: the connection's gevent socket, or gevent's TLS socket.
+    :param raw: the real socket under it, non-blocking under gevent.
+    :param limit: bytes that may wait for the client; past that it is cut off.
+    :param on_overflow: called (once, with the bytes waiting) when the client is cut off.
+    """
+
+    __slots__ = ("_socket", "_raw", "_direct", "_backlog", "_waiting", "_limit", "_flusher",
+                 "_on_overflow", "broken")
+
+    def __init__(self, sock, raw, limit: int, on_overflow=None):
+        self._socket = sock
+        self._raw = raw
+        # under TLS the real socket would carry frames in clear text: the flusher writes
+        # them to the TLS one (whose writes the kernel did not take must be retried as is)
+        self._direct = not isinstance(sock, TLS_SOCKETS)
+        self._backlog = None              # bytes the kernel did not take yet, in order
+        self._waiting = 0
+        self._limit = limit
+        self._flusher = None
+        self._on_overflow = on_overflow
+        self.broken = False
+
+    @property
+    def waiting(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return self._waiting
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        if self._flusher is None:
+            sent = 0
+            if self._direct:
+                try:
+                    sent = self._raw.send(data)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    # the reader sees the same error or the end of the stream and closes
+                    self.broken = True
+                    return
+                if sent == len(data):
+                    return
+            data = data[sent:]
+            self._backlog = []
+            self._flusher = gevent.spawn(self._flush)
+        self._backlog.append(data)
+        self._waiting += len(data)
+        if self._waiting > self._limit:
+            self._cut(self._waiting)
+
+    def _flush(self) -> None:
+        try:
+            while self._backlog:
+                chunk = b"".join(self._backlog)
+                self._backlog = []
+                self._socket.sendall(chunk)
+                self._waiting -= len(chunk)
+        except OSError:
+            self.broken = True
+        finally:
+            self._backlog = None
+            self._waiting = 0
+            self._flusher = None
+
+    def _cut(self, waiting: int) -> None:
+        self.broken = True
+        self._backlog = []
+        self.shutdown()
+        if self._on_overflow is not None:
+            self._on_overflow(waiting)
+
+    def shutdown(self) -> None:
+        """End the connection now: the reader wakes to the end of the stream and closes
+        it as usual, whether or not the client is still there to answer."""
+        try:
+            self._raw.shutdown(stdlib_socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self, timeout: float) -> None:
+        """Give the backlog ``timeout`` seconds to drain, then write nothing more."""
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.join(timeout)
+            if not flusher.dead:
+                flusher.kill(block=False)
+        self.broken = True

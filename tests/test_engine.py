@@ -14,7 +14,8 @@ from engineio import packet as eio_packet
 from gevent import socket as gsocket
 
 from siocluster import App, IoNode
-from siocluster.engine import FrameWriter, websocket_frame
+from siocluster.engine import websocket_frame
+from siocluster.transport import FrameWriter
 from tests.helpers import EventClient, wait_until
 
 
@@ -61,7 +62,7 @@ def read_exactly(sock, count: int) -> bytes:
 def test_writer_never_blocks_and_keeps_order():
     ours, peer = gsocket.socketpair()
     with ours, peer:
-        writer = FrameWriter(ours, limit=64 << 20)
+        writer = FrameWriter(ours, ours._sock, limit=64 << 20)
         chunks = [bytes([n]) * 65536 for n in range(128)]      # 8 MB: more than the kernel takes
         for chunk in chunks:
             # the peer reads nothing yet, and no other greenlet runs: a write that waited
@@ -78,7 +79,7 @@ def test_writer_cuts_off_a_client_past_its_limit():
     ours, peer = gsocket.socketpair()
     with ours, peer:
         cut = []
-        writer = FrameWriter(ours, limit=1 << 20, on_overflow=cut.append)
+        writer = FrameWriter(ours, ours._sock, limit=1 << 20, on_overflow=cut.append)
         written = 0
         for _ in range(1000):
             if cut:
