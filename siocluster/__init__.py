@@ -22,6 +22,7 @@ _EXPORTS = {
     "IoNode": "ionode",
     "Client": "ioclient",
     "IoSocketServer": "engine",
+    "RecoveringClient": "engine",
     "PolicyServer": "policy",
     "make_blueprint": "frontend",
     "make_frontend_server": "frontend",

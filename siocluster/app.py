@@ -207,8 +207,11 @@ class App:
 
     def disconnect(self, sid: str, namespace: Optional[str] = None,
                    ignore_queue: bool = False) -> None:
-        commands = self._node().commands
-        commands.send(disconnect_command(sid, namespace or "/"), commands.node_of(sid, lookup=True))
+        node = self._node()
+        if node.recovery.enabled:
+            node.recovery.end_now(sid)     # away and parked: it may not come back
+        node.commands.send(disconnect_command(sid, namespace or "/"),
+                           node.commands.node_of(sid, lookup=True))
 
     def send_command(self, command: dict, node: Optional[str] = None) -> None:
         """Send a command built by one of `siocluster.envelope`'s constructors (for
@@ -290,6 +293,17 @@ class App:
             return context.envelope.client
         record = self._node().state.client(sid) if sid is not None else None
         return record["info"] if record else None
+
+    def recovered(self) -> bool:
+        """Inside the connect handler: whether the client came back as itself after losing
+        its connection (connection-state recovery: the same sid, its rooms and session as
+        it left them, and what it missed is sent to it), not a new client. False in other
+        handlers."""
+        context = current()
+        if context is None:
+            raise RuntimeError("recovered() tells about the message being handled: call it "
+                               "inside a handler")
+        return context.envelope.recovered
 
     def delivery(self) -> Tuple[str, int]:
         """``(message id, attempt)`` of the message being handled. Delivery is at least

@@ -23,9 +23,16 @@ class CommandApplier:
 
     def _apply_emit(self, command: dict, ns: str) -> None:
         args = unpack_args(command)
+        if "@" in command:
+            args.append(command["@"])    # its offset: a client that comes back says it saw it
         self.sio.emit(command["event"], args_to_data(args) if args else None,
                       to=command.get("to"), skip_sid=command.get("skip"), namespace=ns)
         self.fire("app publish", command)
+
+    def _apply_let_go(self, command: dict, ns: str) -> None:
+        client = self.clients.get(command["sid"])
+        if client is not None and client.eio_sid == command["conn"]:
+            self.let_go(client.eio_sid)
 
     def _apply_enter_room(self, command: dict, ns: str) -> None:
         if self.holds(command["sid"], ns):

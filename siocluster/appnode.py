@@ -72,6 +72,7 @@ class AppNode(Finisher, Node):
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.commands = Commands(self.streams, self.state, self.keys, c.call_timeout,
                                  c.pop_timeout, self.id, self.logger)
+        self.commands.route_by_node = not self.recovery.enabled
         self.reaper = Reaper(self)
         self.handled = 0
         self._batches = gevent.local.local()     # .current: the worker's `Batch`
@@ -294,6 +295,11 @@ class AppNode(Finisher, Node):
         context = HandlerContext(self, envelope, turn)
         previous, mark = enter(context), turn.mark()
         try:
+            if envelope.kind == "disconnect" and envelope.conn is not None \
+                    and self.redis.hget(self.keys.conns, envelope.sid) not in (None,
+                                                                              envelope.conn):
+                # the end of a connection its client no longer uses: it came back on another
+                return Finish(raw, handled=True)
             self.app.dispatch(context)
         except REDIS_DOWN as exc:
             # not the message's fault: again later, without counting an attempt

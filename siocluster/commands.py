@@ -107,6 +107,10 @@ class Commands:
         self.call_timeout, self.pop_timeout = call_timeout, pop_timeout
         self.logger = logger or logging.getLogger("siocluster.app-node")
         self._seen: OrderedDict[str, str] = OrderedDict()   # sid -> io-node, LRU
+        # with connection-state recovery a client may come back on another io-node, and
+        # what it missed is read back from the stream every io-node reads: commands for
+        # one client go there too (acks and verdicts still go to the io-node that asked)
+        self.route_by_node = True
 
     # ---- where clients are ------------------------------------------------------------------
 
@@ -130,6 +134,8 @@ class Commands:
     def node_of(self, sid: str, lookup: bool = False) -> Optional[str]:
         """The io-node holding ``sid`` if this app-node knows (or, with ``lookup``, finds)
         it; None sends a command to every io-node."""
+        if not self.route_by_node:
+            return None
         node = self._seen.get(sid)
         if node is None and lookup:
             node = self.state.client_node(sid)
@@ -154,11 +160,11 @@ class Commands:
             self.state.enter_room(sid, namespace, room, pipe)
         else:
             self.state.leave_room(sid, namespace, room, pipe)
-        node = self._seen.get(sid)
-        if node is None:
+        node = self._seen.get(sid) if self.route_by_node else None
+        if node is None and self.route_by_node:
             pipe.hget(self.keys.clients, sid)
         results = pipe.execute()
-        if node is None and results[-1]:
+        if node is None and self.route_by_node and results[-1]:
             node = loads(results[-1]).get("node")
         self.send(room_command(method, sid, room, namespace), node)
 

@@ -162,6 +162,14 @@ class Config:
     dead_record_size: int = _field(defaults.DEAD_RECORD_SIZE,
                                    "bytes of one dead-letter record (a larger message is cut)")
     stream_maxlen: int = _field(defaults.STREAM_MAXLEN, "commands kept for reconnecting io-nodes")
+    recovery_window: float = _field(defaults.RECOVERY_WINDOW,
+                                    "seconds a client that lost its connection may come back "
+                                    "as itself (its sid, rooms, session, missed packets); 0: off")
+    recovery_max_packets: int = _field(defaults.RECOVERY_MAX_PACKETS,
+                                       "packets a returning client may have missed; past "
+                                       "that it comes back as a new client")
+    recovery_max_bytes: int = _field(defaults.RECOVERY_MAX_BYTES,
+                                     "bytes of them; past that it comes back as a new client")
     heartbeat_interval: float = _field(defaults.HEARTBEAT_INTERVAL, "seconds between heartbeats")
     node_ttl: float = _field(defaults.NODE_TTL, "seconds without heartbeat before a node is dead")
 
@@ -283,12 +291,16 @@ class Config:
                     "max_connections", "max_connections_per_address", "handshake_timeout",
                     "policy_max_connections", "inbox_max_bytes", "dead_maxlen",
                     "dead_record_size", "inbox_maxlen", "client_queue_maxlen", "stream_maxlen",
-                    "heartbeat_interval", "node_ttl")
+                    "heartbeat_interval", "node_ttl", "recovery_max_packets",
+                    "recovery_max_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()}: must be above 0, not {getattr(self, name)}")
         if self.rate_limit < 0:
             raise ConfigError(f"RATE_LIMIT: must be 0 (off) or above, not {self.rate_limit}")
+        if self.recovery_window < 0:
+            raise ConfigError(f"RECOVERY_WINDOW: must be 0 (off) or above, not "
+                              f"{self.recovery_window}")
         if self.node_ttl <= self.heartbeat_interval:
             raise ConfigError(f"NODE_TTL: {self.node_ttl} must exceed HEARTBEAT_INTERVAL "
                               f"({self.heartbeat_interval}) or live nodes look dead")

@@ -39,6 +39,11 @@ CLIENT_QUEUE_MAXLEN = 1_000  # of them, from one client (its messages are handle
 DEAD_MAXLEN = 1_000          # records kept in the dead-letter list, the oldest dropped
 DEAD_RECORD_SIZE = 64 << 10  # bytes of one dead-letter record: a larger message is cut
 STREAM_MAXLEN = 100_000      # commands kept in a stream for io-nodes that reconnect
+# connection-state recovery: a client that comes back within the window gets its sid, rooms,
+# session and what it missed (at most so many packets and bytes of them)
+RECOVERY_WINDOW = 120.0
+RECOVERY_MAX_PACKETS = 1_000
+RECOVERY_MAX_BYTES = 1 << 20
 COMMAND_BATCH = 256          # stream entries one io-node reads per round trip
 
 # liveness

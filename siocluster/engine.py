@@ -28,10 +28,12 @@ that every name it relies on is there.
 
 import logging
 import struct
+import time
 
 import engineio
 import gevent
 import socketio
+from bidict import ValueDuplicationError
 from engineio import packet as eio_packet
 from engineio.socket import Socket
 from socketio import packet as sio_packet
@@ -98,6 +100,8 @@ class EngineSocket(PollingBounds, Socket):
         if self.closed or self.closing:
             return
         self.closing = True
+        if self.cut_off:
+            reason = self.server.reason.SERVER_DISCONNECT
         self.server._trigger_event("disconnect", self.sid,
                                    reason or self.server.reason.SERVER_DISCONNECT,
                                    run_async=False)
@@ -252,6 +256,24 @@ class EngineServer(engineio.Server):
             return self._bad_request()
 
 
+class IoManager(socketio.Manager):
+    """python-socketio's client manager, but a client that comes back as itself
+    (connection-state recovery) is given its old sid rather than a new one."""
+
+    def pre_connect(self, eio_sid, namespace):
+        sid = self.server.returning_sids.get((eio_sid, namespace))
+        if sid is None:
+            return super().pre_connect(eio_sid, namespace)
+        # python-socketio's pre_connect, with that sid
+        try:
+            self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
+        except ValueDuplicationError:
+            return None
+        self.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
+        self.pending_connect.setdefault(namespace, []).append(sid)
+        return sid
+
+
 class IoSocketServer(socketio.Server):
     """A ``socketio.Server`` on `EngineServer`: what an io-node runs by default. Pass one
     of your own to `IoNode` (the seed's ``makeIoServer``) to keep its options; a plain
@@ -260,11 +282,47 @@ class IoSocketServer(socketio.Server):
     :param max_attachments: binary attachments one message may announce; a client that
         announces more is disconnected. Other parameters are python-socketio's and
         `EngineServer`'s.
+
+    Set ``recovery`` to an object with three methods to recover connections (the io-node
+    does): ``returning(eio_sid, namespace, auth)`` before a connect, which returns the sid
+    to reuse (None: a new client) and the auth to pass on; ``connect_fields(sid,
+    namespace)``, what to add to the CONNECT packet (the pid); ``connected(eio_sid,
+    namespace, sid)`` once the connect was answered.
     """
 
     def __init__(self, *args, max_attachments: int = defaults.MAX_ATTACHMENTS, **kwargs):
+        kwargs.setdefault("client_manager", IoManager())
         super().__init__(*args, **kwargs)
         self.max_attachments = max_attachments
+        self.recovery = None
+        self.returning_sids = {}        # (eio sid, namespace) -> the sid it comes back as
+
+    def _handle_connect(self, eio_sid, namespace, data):
+        hooks, namespace = self.recovery, namespace or "/"
+        if hooks is None:
+            return super()._handle_connect(eio_sid, namespace, data)
+        sid, data = hooks.returning(eio_sid, namespace, data)
+        if sid is not None:
+            self.returning_sids[(eio_sid, namespace)] = sid
+        try:
+            super()._handle_connect(eio_sid, namespace, data)
+        finally:
+            self.returning_sids.pop((eio_sid, namespace), None)
+            hooks.connected(eio_sid, namespace, sid)
+
+    def _send_packet(self, eio_sid, pkt):
+        if pkt.packet_type == sio_packet.CONNECT and self.recovery is not None \
+                and isinstance(pkt.data, dict) and "sid" in pkt.data:
+            pkt.data.update(self.recovery.connect_fields(pkt.data["sid"], pkt.namespace or "/"))
+        super()._send_packet(eio_sid, pkt)
+
+    def _handle_eio_disconnect(self, eio_sid, reason):
+        if reason == self.reason.CLIENT_DISCONNECT and self.recovery is not None:
+            # the client closed its connection, not its namespaces (those say goodbye with
+            # a DISCONNECT packet first): socket.io calls it "transport close", and the
+            # client may come back as itself
+            reason = self.reason.TRANSPORT_CLOSE
+        super()._handle_eio_disconnect(eio_sid, reason)
 
     def _engineio_server_class(self):
         return EngineServer
@@ -323,6 +381,13 @@ def drop_connections(sio: socketio.Server) -> list:
     return sockets
 
 
+def drop_connection(sio: socketio.Server, eio_sid: str) -> None:
+    """Drop one connection at once, without a word to the client (it came back elsewhere)."""
+    sock = sio.eio.sockets.get(eio_sid)
+    if sock is not None and not sock.closed:
+        sock.close(wait=False, abort=True, reason=sio.eio.reason.TRANSPORT_CLOSE)
+
+
 def sends_pending(sockets: list) -> bool:
     """Whether packets still wait in engineio's queue of a (polling) socket."""
     return any(not sock.queue.empty() for sock in sockets)
@@ -333,22 +398,49 @@ def bind_namespace(namespace_handler: socketio.Namespace, app) -> None:
     namespace_handler._set_server(app)
 
 
-def use_fast_websocket_reads() -> None:
-    """Unmask clients' websocket frames with wsaccel's C code: gevent-websocket uses wsaccel's
-    UTF-8 validator by itself, but unmasks in a Python loop over every byte (about 26 us for
-    a short message). Called as the io-node starts; again, or without wsaccel, a no-op."""
-    try:
-        from wsaccel.xormask import XorMaskerSimple
-    except ImportError:
-        return
-    from geventwebsocket.websocket import Header
+class RecoveringClient(socketio.Client):
+    """python-socketio's client, speaking connection-state recovery as socket.io's own
+    client (4.6+) does: it keeps the private id the server gives each namespace and the
+    offset that ends each event (taken off before handlers see it), and presents both when
+    it reconnects, so it comes back as itself. ``recovered[namespace]`` tells whether the
+    last connect did. Also ``siocluster.RecoveringClient``."""
 
-    if getattr(Header.unmask_payload, "uses_wsaccel", False):
-        return
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pids, self.offsets, self.recovered = {}, {}, {}
 
-    def unmask_payload(header, payload):
-        # a bytearray, as gevent-websocket's own returns
-        return bytearray(XorMaskerSimple(header.mask).process(payload))
+    def _handle_connect(self, namespace, data):
+        namespace = namespace or "/"
+        pid = data.get("pid") if isinstance(data, dict) else None
+        self.recovered[namespace] = bool(pid) and self.pids.get(namespace) == pid
+        if pid:
+            self.pids[namespace] = pid
+        super()._handle_connect(namespace, data)
 
-    unmask_payload.uses_wsaccel = True
-    Header.unmask_payload = unmask_payload
+    def _handle_event(self, namespace, id, data):
+        namespace = namespace or "/"
+        if id is None and namespace in self.pids and len(data) > 1 \
+                and isinstance(data[-1], str):
+            self.offsets[namespace] = data[-1]
+            data = data[:-1]
+        super()._handle_event(namespace, id, data)
+
+    def _send_packet(self, pkt):
+        namespace = pkt.namespace or "/"
+        if pkt.packet_type == sio_packet.CONNECT and namespace in self.pids:
+            fields = {"pid": self.pids[namespace]}
+            if namespace in self.offsets:
+                fields["offset"] = self.offsets[namespace]
+            pkt.data = {**fields, **(pkt.data if isinstance(pkt.data, dict) else {})}
+        super()._send_packet(pkt)
+
+    def disconnect(self):
+        # python-socketio's client closes its websocket at once, often before the
+        # DISCONNECT packets are out; the server would then take a mere transport close,
+        # and keep the client's state for it to come back: the packets go out first
+        for namespace in self.namespaces:
+            self._send_packet(self.packet_class(sio_packet.DISCONNECT, namespace=namespace))
+        deadline = time.monotonic() + 1.0
+        while getattr(self.eio.queue, "unfinished_tasks", 0) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.eio.disconnect()

@@ -139,6 +139,8 @@ class Envelope:
     environ: Optional[dict] = None    # connect: a JSON-safe part of the WSGI environ
     auth: Any = None                  # connect: what the client sent as auth
     reason: Optional[str] = None      # disconnect: why
+    conn: Optional[str] = None        # connect, disconnect: the connection (recovery)
+    recovered: bool = False           # connect: the client came back as itself
     id: str = dataclasses.field(default_factory=new_id)
     ts: float = dataclasses.field(default_factory=time.time)
     attempt: int = 0
@@ -156,8 +158,12 @@ class Envelope:
         elif self.kind == "connect":
             message["environ"] = self.environ or {}
             message.update(pack_args([self.auth]))
+            if self.recovered:
+                message["recovered"] = True
         elif self.reason is not None:
             message["reason"] = self.reason
+        if self.conn is not None:
+            message["conn"] = self.conn
         return dumps(message)
 
     @classmethod
@@ -189,8 +195,11 @@ class Envelope:
         elif kind == "connect":
             envelope.environ = message.get("environ") or {}
             envelope.auth = args[0] if args else None
+            envelope.recovered = message.get("recovered") is True
         else:
             envelope.reason = message.get("reason")
+        if isinstance(message.get("conn"), str):
+            envelope.conn = message["conn"]
         return envelope
 
 
@@ -208,9 +217,8 @@ COMMANDS = {
     "verdict": ("id", "ok"),            # answer to a connect: + error
     "call": ("ns", "sid", "event", "reply"),  # emit that wants the client's answer
     "app": ("type",),                   # a custom app message for io-node code (seed API)
+    "let_go": ("ns", "sid", "conn"),    # a client came back elsewhere: drop its old connection
 }
-
-
 
 
 def emit_command(event: str, args: list, namespace: str, to=None, skip=None) -> dict:
@@ -237,6 +245,10 @@ def close_room_command(room: str, namespace: str) -> dict:
 
 def disconnect_command(sid: str, namespace: str) -> dict:
     return {"m": "disconnect", "ns": namespace, "sid": sid}
+
+
+def let_go_command(sid: str, conn: str, namespace: str) -> dict:
+    return {"m": "let_go", "ns": namespace, "sid": sid, "conn": conn}
 
 
 def ack_command(message_id: str, args: list) -> dict:

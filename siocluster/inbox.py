@@ -208,10 +208,10 @@ end
 return dropped
 """
 
-# A client of a dead io-node gets its disconnect only once. KEYS: node-clients, ready,
-# size; ARGV: queue prefix, sid, envelope.
+# A client of a dead io-node, or a parked one whose window closed, gets its disconnect only
+# once. KEYS: node-clients or parked, ready, size; ARGV: queue prefix, sid, envelope, SREM/ZREM.
 _DISCONNECT = """
-if redis.call('SREM', KEYS[1], ARGV[2]) == 1 then
+if redis.call(ARGV[4], KEYS[1], ARGV[2]) == 1 then
   if redis.call('LPUSH', ARGV[1] .. ARGV[2], ARGV[3]) == 1 then
     redis.call('LPUSH', KEYS[2], ARGV[2])
   end
@@ -295,12 +295,12 @@ class Inbox:
                 raise reply
         return [int(index) for index in replies[0]]
 
-    def push_disconnect(self, node: str, sid: str, envelope: str, pipe) -> None:
-        """Add to ``pipe``: the disconnect of a client of dead io-node ``node``, pushed only
-        if no other reaper pushed it (the pipeline's reply is 1 when this one did)."""
-        self._disconnect(keys=[self.keys.node_clients(node), self.keys.ready,
-                               self.keys.inbox_size],
-                         args=[self.keys.queue_prefix, sid, envelope], client=pipe)
+    def push_disconnect(self, node: str, sid: str, envelope: str, pipe, parked=False) -> None:
+        """Add to ``pipe``: the disconnect of a client of dead io-node ``node`` (``parked``: a
+        parked one's), unless another reaper pushed it (the reply is 1 when this one did)."""
+        guard = (self.keys.parked, "ZREM") if parked else (self.keys.node_clients(node), "SREM")
+        self._disconnect(keys=[guard[0], self.keys.ready, self.keys.inbox_size],
+                         args=[self.keys.queue_prefix, sid, envelope, guard[1]], client=pipe)
 
     # ---- app-nodes ----------------------------------------------------------------------------
 

@@ -46,10 +46,11 @@ class Client:
     """A connection held by this io-node (the seed's ``client``).
 
     ``data`` is free for io-node code, e.g. a user id set on an ``app setUserId`` message;
-    ``info`` is what `IoNode.get_client_info` computed at connect.
+    ``info`` is what `IoNode.get_client_info` computed at connect; ``pid`` its private id
+    when it may come back as itself (connection-state recovery).
     """
 
-    __slots__ = ("sid", "namespace", "eio_sid", "info", "data", "tokens", "stamp")
+    __slots__ = ("sid", "namespace", "eio_sid", "info", "data", "tokens", "stamp", "pid")
 
     def __init__(self, sid, namespace, eio_sid, info, burst):
         self.sid, self.namespace, self.eio_sid = sid, namespace, eio_sid
@@ -57,6 +58,7 @@ class Client:
         self.data = {}
         self.tokens = float(burst)     # rate limit: a token bucket
         self.stamp = time.monotonic()
+        self.pid = None
 
     def take_token(self, rate: float, burst: int) -> bool:
         """Whether the client may send one more event at ``rate`` per second, ``burst``

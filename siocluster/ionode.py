@@ -25,7 +25,7 @@ import gevent.event
 import socketio
 from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 
-from . import defaults, engine
+from . import defaults, engine, transport
 from .applier import CommandApplier
 from .engine import IoSocketServer
 from .entry import listen_error
@@ -35,6 +35,7 @@ from .ioclient import Client, safe_environ, same_host_origins, shown
 from .listener import IoHttpServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
+from .rejoin import Rejoin
 from .streams import CommandStreams
 from .transport import IoPacket
 
@@ -44,7 +45,7 @@ GONE = "the connection closed while it was being accepted"
 REAPED = "io-node taken for dead"
 RESERVED = "event name reserved for the connection's lifecycle: use another name"
 MALFORMED = "malformed event: its name must be a string"
-class IoNode(CommandApplier, Node):
+class IoNode(Rejoin, CommandApplier, Node):
     """An io-node around a python-socketio server in gevent mode.
 
     :param config: a `Config` or a mapping of its keys.
@@ -88,9 +89,10 @@ class IoNode(CommandApplier, Node):
         self.clients: Dict[str, Client] = {}
         self.inbox = Inbox(self.redis, self.keys, c)
         self.outbox = Outbox(self.inbox, self.state, c.outbox_size, c.outbox_max_bytes,
-                             c.max_message_size)
+                             c.max_message_size, self.recovery)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.reader = self.streams.reader(self.id, self.logger)
+        self.init_rejoin(sio)
         self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)
         self._pending_connects: Dict[str, gevent.event.AsyncResult] = {}
         self.hooks: Dict[str, List[Callable]] = {}
@@ -98,15 +100,22 @@ class IoNode(CommandApplier, Node):
         self.address = None
 
     def __call__(self, environ, start_response):
+        if self._closing and "sid=" not in environ.get("QUERY_STRING", ""):
+            # a new connection while shutting down: an HTTP error, which clients retry
+            # (elsewhere, or on our successor), where a refused Socket.IO connect is final
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain"),
+                                                       ("Connection", "close")])
+            return [CLOSING.encode()]
         return self.wsgi_app(environ, start_response)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self):
         require_gevent_patch("io-node")
-        engine.use_fast_websocket_reads()
+        transport.use_fast_websocket_reads()
         self.check_redis()
         self.reader.start()
+        self.applied = self.reader.last_ids[self.reader.streams[0]]
         super().start()
         self.spawn_loop(self._push_step, "push")
         self.spawn_loop(self._listen_step, "listen")
@@ -224,10 +233,11 @@ class IoNode(CommandApplier, Node):
         self.clients[sid] = client
         envelope = Envelope("connect", namespace, sid, self.id, self.get_client_info(client),
                             environ=safe_environ(environ), auth=auth)
+        comeback, record = self.recovery_fields(client, envelope)
         verdict = gevent.event.AsyncResult()
         self._pending_connects[envelope.id] = verdict
         try:
-            refusal = self.outbox.put(envelope)
+            refusal = self.outbox.put(envelope, extra=record)
             if refusal is not None:
                 self.clients.pop(sid, None)
                 raise SioConnectionRefused(refusal)
@@ -255,6 +265,10 @@ class IoNode(CommandApplier, Node):
             ok, error = False, {"message": GONE}
         if not ok:
             self.clients.pop(sid, None)
+            if comeback is not None:
+                # it was claimed for this connection: its old self has left for good
+                self.send_to_app(Envelope("disconnect", namespace, sid, self.id, client.info,
+                                          reason="refused on its return", conn=eio_sid))
             if isinstance(error, dict):
                 raise SioConnectionRefused(error.get("message"), *(
                     [error["data"]] if error.get("data") is not None else []))
@@ -294,8 +308,13 @@ class IoNode(CommandApplier, Node):
         client = self.clients.pop(sid, None)
         if client is None:
             return
+        if self.quiet(client.eio_sid):
+            return      # it came back on another connection: nothing to tell
         envelope = Envelope("disconnect", namespace, sid, self.id, self.get_client_info(client),
                             reason=str(reason) if reason is not None else None)
+        if self.parked(client, envelope, reason, self._closing):
+            self.fire("socket disconnect", client)
+            return
         refusal = self.outbox.put(envelope)
         if refusal is not None:
             self.logger.error("io-node %s: the disconnect of %s cannot be encoded (%s); the "
@@ -379,16 +398,13 @@ class IoNode(CommandApplier, Node):
     def _listen_step(self):
         commands = self.reader.read(defaults.COMMAND_BATCH, self.config.pop_timeout)
         self._redis_back()
-        for command in commands:
-            try:
-                self.apply(command)
-            except Exception:
-                self.logger.exception("io-node %s: command %r failed", self.id, command)
+        self.apply_in_order(commands)
 
     def _sweep_step(self):
         """Forget acks nobody answered in time, so memory stays bounded."""
         self.stopping.wait(min(5.0, self.config.ack_timeout))
         now = time.monotonic()
+        self.sweep_quiet()
         expired = [k for k, v in self._pending_acks.items() if v[3] < now]
         for key in expired:
             eio_sid, namespace, ack_id, _ = self._pending_acks.pop(key)

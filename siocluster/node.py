@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import defaults
 from .config import Config, as_config
+from .recovery import Recovery
 from .state import ClusterState, Keys
 
 # what a node's loops take for "Redis is unreachable": back off and try again
@@ -67,6 +68,7 @@ class Node:
         self.redis = redis if redis is not None else self.config.redis_client()
         self.keys = Keys(self.config.prefix)
         self.state = ClusterState(self.redis, self.keys)
+        self.recovery = Recovery(self.redis, self.keys, self.config)
         self.stopping = gevent.event.Event()
         self._greenlets = []
         self._redis_down_since = None

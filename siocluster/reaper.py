@@ -10,7 +10,10 @@ by one app-node at a time under a short Redis lock about once per heartbeat inte
   died while handling it" (a message that keeps killing its app-node);
 - a dead **io-node**: each of its clients gets a synthesized ``disconnect`` envelope (reason
   ``"io-node died"``), so the app tier runs its disconnect handler and forgets the client
-  (presence, rooms, client record, session); then its command stream is deleted;
+  (presence, rooms, client record, session); then its command stream is deleted. With
+  connection-state recovery the envelope is parked instead: the client may come back as
+  itself on another io-node within the window;
+- a **parked client** whose window closed (`siocluster.recovery`) gets its disconnect;
 - then its registry entry goes, and a tombstone tells the node, should it come back (a long
   pause, a network partition), that the cluster gave up on it (see `Node.reaped`).
 
@@ -91,7 +94,10 @@ class Reaper:
         return self.reap()
 
     def reap(self) -> Dict[str, List[str]]:
-        """Clean up every node found dead now (no lock: scripts keep it safe anyway)."""
+        """Clean up every node found dead now, and every parked client whose window closed
+        (no lock: scripts keep it safe anyway)."""
+        if self.node.recovery.enabled:
+            self.expire_parked()
         buried: Dict[str, List[str]] = {}
         for node, info in self.state.nodes(alive=False).items():
             if node == self.node.id:
@@ -137,14 +143,35 @@ class Reaper:
                     continue
                 envelope = Envelope("disconnect", record.get("namespace") or "/", sid, node,
                                     record.get("info") or {}, reason=DIED_REASON)
-                self.inbox.push_disconnect(node, sid, envelope.encode(), pipe)
+                if record.get("pid") and self.node.recovery.enabled:
+                    envelope.conn = record.get("conn")
+                    self.node.recovery.park(pipe, sid, "", node, envelope.encode())
+                else:
+                    self.inbox.push_disconnect(node, sid, envelope.encode(), pipe)
             if stale:
                 pipe.srem(self.keys.node_clients(node), *stale)
             results = pipe.execute()
             sent += sum(1 for result in results[:len(results) - bool(stale)] if result == 1)
         self.logger.warning("reaper on %s: dead io-node %s held %d client(s); their "
-                            "disconnects are in the inbox", self.node.id, node, sent)
+                            "disconnects are in the inbox%s", self.node.id, node, sent,
+                            ", or parked for them to come back as themselves"
+                            if self.node.recovery.enabled else "")
         return sent
+
+    def expire_parked(self) -> int:
+        """Push the disconnect of every parked client whose window closed."""
+        pushed = 0
+        while True:
+            due = self.node.recovery.due()
+            if not due:
+                return pushed
+            pipe = self.redis.pipeline(transaction=False)
+            for sid, raw in due:
+                self.inbox.push_disconnect("", sid, raw, pipe, parked=True)
+                pipe.hdel(self.keys.parked_disconnects, sid)
+            pushed += sum(1 for result in pipe.execute()[::2] if result == 1)
+            if len(due) < 500:
+                return pushed
 
 
 def _record(raw: Optional[str]) -> Optional[dict]:

@@ -32,6 +32,9 @@ class Keys:
         self.room_prefix = f"{prefix}:room:"
         self.client_rooms_prefix = f"{prefix}:rooms:"
         self.reaper_lock = f"{prefix}:reaper"         # string: one reaper pass at a time
+        self.conns = f"{prefix}:conns"                # hash: sid -> its connection right now
+        self.parked = f"{prefix}:parked"              # zset: sid -> when its window closes
+        self.parked_disconnects = f"{prefix}:parked-disconnects"   # hash: sid -> envelope
 
     def queue(self, sid: str) -> str:
         """List of one client's messages, the oldest at the right end."""
@@ -83,8 +86,8 @@ class Keys:
 
 
 # Removing a client touches keys derived from its record, so it runs as one script: no other
-# reader sees it half gone. KEYS: clients, client_rooms, session, node_clients, ns_clients;
-# ARGV: sid, room key prefix including the namespace.
+# reader sees it half gone. KEYS: clients, client_rooms, session, node_clients, ns_clients,
+# conns, parked, parked disconnects; ARGV: sid, room key prefix including the namespace.
 _FORGET_CLIENT = """
 local rooms = redis.call('SMEMBERS', KEYS[2])
 for _, room in ipairs(rooms) do
@@ -94,6 +97,9 @@ redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
 return #rooms
 """
 
@@ -161,10 +167,13 @@ class ClusterState:
     # ---- clients (written by io-nodes) ----------------------------------------------------
 
     def add_client(self, record: dict, pipe=None) -> None:
-        """Register a connected client: ``record`` has sid, namespace, node and info."""
+        """Register a connected client: ``record`` has sid, namespace, node and info, and
+        ``conn``, its connection (Engine.IO session id), when the client may recover."""
         r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         sid, node, namespace = record["sid"], record["node"], record["namespace"]
         r.hset(self.keys.clients, sid, json.dumps(record))
+        if record.get("conn"):
+            r.hset(self.keys.conns, sid, record["conn"])
         r.sadd(self.keys.node_clients(node), sid)
         r.sadd(self.keys.namespace_clients(namespace), sid)
         if pipe is None:
@@ -174,7 +183,8 @@ class ClusterState:
         """Remove a client with its rooms and session."""
         k = self.keys
         self._forget(keys=[k.clients, k.client_rooms(sid), k.session(sid), k.node_clients(node),
-                           k.namespace_clients(namespace)],
+                           k.namespace_clients(namespace), k.conns, k.parked,
+                           k.parked_disconnects],
                      args=[sid, k.rooms_of(namespace)], client=pipe)
 
     def client(self, sid: str) -> Optional[dict]:

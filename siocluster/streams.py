@@ -150,6 +150,9 @@ class StreamReader:
         self.seq: Dict[str, Optional[int]] = {}
         self.check_due = False
         self.streams = streams
+        # connection-state recovery: each command of the stream every io-node reads carries
+        # its offset (``"@"``), which the io-node hands clients with its emits
+        self.offsets = False
         self.direct = Direct(redis)       # the reads: one loop's hot path
 
     def start(self) -> None:
@@ -205,7 +208,11 @@ class StreamReader:
             if self.seq.get(stream) is not None:
                 self.seq[stream] += 1
             try:
-                commands.extend(decode_batch(fields.get("b")))
+                batch = decode_batch(fields.get("b"))
+                if self.offsets and stream == self.streams[0]:
+                    for index, command in enumerate(batch):
+                        command["@"] = f"{entry_id}.{index}"
+                commands.extend(batch)
             except MessageError as exc:
                 self.logger.error("io-node %s: skipped malformed command entry %s in %s: %s",
                                   self.node, entry_id, stream, exc)

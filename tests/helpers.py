@@ -7,10 +7,10 @@ import time
 import gevent
 import gevent.event
 import requests
-import socketio
 import websocket
 
 from siocluster import Config
+from siocluster.engine import RecoveringClient
 from siocluster.inbox import Inbox
 
 
@@ -107,10 +107,13 @@ def websocket_handshake(io_node, origin, host=None):
 
 
 class EventClient:
-    """A real python-socketio client that keeps every event it receives, in order."""
+    """A real python-socketio client that keeps every event it receives, in order. It
+    speaks connection-state recovery as the official client does (`RecoveringClient`):
+    the offset that ends each event is kept, not recorded."""
 
     def __init__(self, **kwargs):
-        self.sio = socketio.Client(reconnection=False, **kwargs)
+        kwargs.setdefault("reconnection", False)
+        self.sio = RecoveringClient(**kwargs)
         self.events = []               # (namespace, event, args)
         self._arrived = gevent.event.Event()
         self.sio.on("*", self._record, namespace="*")

@@ -248,9 +248,13 @@ def _lobby(nodes, proc, count):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("window", [0, 3])
 def test_sigkill_of_an_io_node_disconnects_its_clients_within_the_default_bound(
-        redis_server, nodes_factory):
-    nodes = nodes_factory(redis_server.url)           # the default heartbeat and node_ttl
+        redis_server, nodes_factory, window):
+    """With recovery off, at once; with it, once the window closes for clients that did
+    not come back (these do not: their io-node is gone and they know no other)."""
+    # the default heartbeat and node_ttl
+    nodes = nodes_factory(redis_server.url, SIOCLUSTER_RECOVERY_WINDOW=str(window))
     victim, other = nodes.io_node(), nodes.io_node()
     app = nodes.app_node("chat")
     nodes.wait_registered(victim, other, app)
@@ -274,8 +278,8 @@ def test_sigkill_of_an_io_node_disconnects_its_clients_within_the_default_bound(
     assert {r["reason"] for r in records} == {DIED_REASON}
     delay = max(r["at"] for r in records) - killed
     print(f"\nio-node SIGKILLed: the app had the disconnects of its 3 clients {delay:.1f}s "
-          f"later (default node_ttl 10s, heartbeat 2s)")
-    assert delay <= 15
+          f"later (default node_ttl 10s, heartbeat 2s, recovery window {window}s)")
+    assert window <= delay <= 15 + window
     wait_until(lambda: nodes.state.room_members("/", "lobby") == [observer.sid],
                message="the dead node's clients stayed in the room")
     assert [c["sid"] for c in nodes.state.clients()] == [observer.sid]
@@ -289,7 +293,8 @@ def test_sigkill_of_an_io_node_disconnects_its_clients_within_the_default_bound(
 
 def test_sigterm_on_an_io_node_drops_its_clients_and_the_app_hears_of_each(redis_server,
                                                                            nodes_factory):
-    nodes = nodes_factory(redis_server.url, **FAST)
+    """With recovery off (tests/test_recovery.py has its clients come back as themselves)."""
+    nodes = nodes_factory(redis_server.url, SIOCLUSTER_RECOVERY_WINDOW="0", **FAST)
     io = nodes.io_node()
     app = nodes.app_node("chat")
     nodes.wait_registered(io, app)

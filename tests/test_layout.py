@@ -6,11 +6,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "siocluster"
 MAX_LINES = 450
-# each protocol's scripts in its own module: the inbox's, the cluster state's, and the
+# each protocol's scripts in its own module: the inbox's, the cluster state's, recovery's, and the
 # command streams' one (it numbers entries of all streams from one sequence)
-SCRIPT_OWNERS = {"inbox.py", "state.py", "streams.py"}
+SCRIPT_OWNERS = {"inbox.py", "state.py", "streams.py", "recovery.py"}
 # the Redis protocols and the wire format: they return values, never call into a node
-PROTOCOLS = {"envelope", "state", "inbox", "streams", "commands", "outbox"}
+PROTOCOLS = {"envelope", "state", "inbox", "streams", "commands", "outbox", "recovery"}
 NODES = {"node", "appnode", "ionode", "app", "reaper", "seed", "cluster", "wsgi", "frontend",
          "policy"}
 

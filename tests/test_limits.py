@@ -89,7 +89,9 @@ def test_a_polling_client_that_never_comes_for_its_packets_is_cut_off_at_the_bou
 
 def test_a_polling_client_that_sends_pongs_but_never_polls_is_timed_out(cluster, caplog):
     log = []
-    io = IoNode(cluster.config, ping_interval=0.2, ping_timeout=0.5)
+    # recovery off: the app hears the disconnect at once, not when the window closes
+    io = IoNode(cluster.config.replace(recovery_window=0), ping_interval=0.2,
+                ping_timeout=0.5)
     cluster.io_nodes.append(io)
     io.start()
     io.start_server(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 import redis
 import socketio
 
-from siocluster import App, AppNode, IoNode
+from siocluster import App, AppNode, IoNode, RecoveringClient
 from siocluster.envelope import Envelope, encode_batch
 from siocluster.outbox import INBOX_FULL, OUTBOX_FULL
 from siocluster.reaper import DIED_REASON, Reaper
@@ -414,20 +414,26 @@ def test_a_handler_still_running_when_the_stop_times_out_is_given_back(cluster, 
     assert not redis_client.exists(node.processing)
 
 
-def test_a_stopping_io_node_drops_its_connections_and_its_clients_reconnect(cluster, config,
-                                                                            redis_client):
+# python-engineio's client drops its HTTP session unclosed each time a polling attempt fails
+# (here: while the io-node drains, and until its successor listens)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stopping_io_node_drops_its_connections_and_its_clients_come_back_as_themselves(
+        cluster, config, redis_client):
+    """A rolling deploy: the io-node stops, a successor starts on its address, and its
+    clients (websocket and polling) come back with their sids, recovered, the app having
+    heard no disconnect."""
     log = []
     io = cluster.io_node()
     port = io.address[1]
     cluster.app_node(recording_app(log))
     clients, reasons = {}, gevent.queue.Queue()
     for transport in ("websocket", "polling"):
-        client = socketio.Client(reconnection=True, reconnection_delay=0.1,
-                                 reconnection_delay_max=0.3)
+        client = RecoveringClient(reconnection=True, reconnection_delay=0.1,
+                                  reconnection_delay_max=0.3)
         client.on("disconnect", lambda *reason, t=transport: reasons.put((t, reason)))
         client.connect(f"http://127.0.0.1:{port}", transports=[transport], wait_timeout=5)
         clients[transport] = client
-    old_sids = sorted(c.get_sid() for c in clients.values())
+    old_sids = {t: c.get_sid() for t, c in clients.items()}
     first_ws = clients["websocket"].eio.ws     # python-socketio leaves it open after a drop
     try:
         io.stop()
@@ -436,20 +442,24 @@ def test_a_stopping_io_node_drops_its_connections_and_its_clients_reconnect(clus
             ("polling", ("transport error",)), ("websocket", ("transport error",))]
         assert io.id not in ClusterState(redis_client, io.keys).nodes(alive=None)
         assert not redis_client.exists(io.keys.node_commands(io.id))
-        wait_until(lambda: len(log) == 2, message="the app did not get the disconnects")
-        assert sorted(sid for kind, sid, _ in log if kind == "disconnect") == old_sids
+        # parked, not gone: the app hears of no disconnect
+        assert redis_client.zcard(io.keys.parked) == 2
+        assert log == []
 
         # here to a new io-node on the same address (python-socketio's polling client takes
         # a ping interval to notice; browsers reconnect at once)
         successor = IoNode(config).start()
         cluster.io_nodes.append(successor)
         successor.start_server(("127.0.0.1", port))
-        client = clients["websocket"]
-        wait_until(lambda: client.connected, timeout=10, message="the client did not reconnect")
-        assert client.get_sid() not in old_sids
-        assert client.call("rec", "back", timeout=5) == "ok"
+        for transport, client in clients.items():
+            wait_until(lambda c=client: c.connected and c.recovered.get("/"), timeout=10,
+                       message=f"the {transport} client did not come back as itself")
+            assert client.get_sid() == old_sids[transport]
+            assert client.call("rec", "back", timeout=5) == "ok"
         assert [r["node"] for r in ClusterState(redis_client, io.keys).clients()] == [
-            successor.id]
+            successor.id] * 2
+        assert "disconnect" not in [kind for kind, _, _ in log]
+        assert redis_client.zcard(io.keys.parked) == 0
     finally:
         for client in clients.values():
             client.disconnect()

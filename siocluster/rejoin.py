@@ -1,0 +1,201 @@
+"""What an io-node does for connection-state recovery (the protocol: `siocluster.recovery`).
+
+`Rejoin` is a part of `IoNode` (a mixin), and the ``recovery`` hooks of its
+`IoSocketServer`: a connect that presents a pid is looked up (`returning`) before
+python-socketio picks a sid. A client that can be told exactly what it missed is claimed
+and comes back with its sid; else it connects as a new client, and its old self's window
+closes now. Once the app tier let it in (its connect handler sees ``recovered``), it is sent
+what it missed and joins its rooms (`connected`) while the listen loop waits, so that
+nothing is sent twice or skipped between the replay and the live commands. Its old
+connection, if an io-node still holds it, is dropped without a word (`let_go`)::
+
+    node.init_rejoin(sio)              # IoNode does: hooks on its server when RECOVERY_WINDOW > 0
+"""
+
+from typing import Dict, NamedTuple, Optional, Set, Tuple
+
+import gevent.lock
+
+from . import engine
+from .envelope import args_to_data, let_go_command, unpack_args
+from .node import REDIS_DOWN
+from .recovery import RECOVERABLE, Returning, new_pid, offset
+
+END = 1 << 30        # an index past any entry's last command: "the whole entry"
+
+
+class Comeback(NamedTuple):
+    """A client coming back on a connection: who it was, the offset it said it saw."""
+
+    found: Returning
+    offset: Optional[str]
+
+
+class Rejoin:
+    """Connection-state recovery on an io-node. `IoNode` provides ``sio``, ``recovery``,
+    ``clients``, ``state``, ``streams``, ``reader``, ``outbox``,
+    ``_closing``, ``logger`` and ``id``."""
+
+    def init_rejoin(self, sio) -> None:
+        # clients may come back as themselves (RECOVERY_WINDOW): needs our server's hooks
+        self.recovering = self.recovery.enabled and isinstance(sio, engine.IoSocketServer)
+        if self.recovering:
+            sio.recovery = self
+            self.reader.offsets = True
+        self._comebacks: Dict[Tuple[str, str], Comeback] = {}
+        self._quiet: Set[str] = set()      # connections dropped because their client is back
+        self._applying = gevent.lock.Semaphore()     # held while commands are applied
+        self.applied = "0-0"               # the last entry of the shared stream applied
+
+    # ---- IoSocketServer's hooks ---------------------------------------------------------
+
+    def returning(self, eio_sid: str, namespace: str, auth) -> Tuple[Optional[str], object]:
+        """Before a connect: the sid the client comes back as (None: a new client), and its
+        auth without the recovery fields."""
+        if not isinstance(auth, dict) or "pid" not in auth:
+            return None, auth
+        if self._closing:
+            return None, auth      # refused anyway: it comes back on another io-node
+        auth = dict(auth)
+        pid, seen = auth.pop("pid"), auth.pop("offset", None)
+        auth = auth or None
+        try:
+            return self._claim(eio_sid, namespace, pid, seen), auth
+        except REDIS_DOWN as exc:
+            self.logger.warning("io-node %s: could not look up a returning client (%s): it "
+                                "connects as a new one", self.id, exc)
+            return None, auth
+
+    def _claim(self, eio_sid: str, namespace: str, pid, seen) -> Optional[str]:
+        found = self.recovery.find(pid)
+        if found is None or found.record.get("namespace") != namespace:
+            self.logger.info("io-node %s: a client came back with an unknown or expired "
+                             "private id: it connects as a new client", self.id)
+            return None
+        if self.recovery.missed(found, seen, namespace) is None:
+            self.logger.info("io-node %s: %s came back, but what it missed cannot be told "
+                             "exactly (too much, or gone from the stream): it connects as a "
+                             "new client", self.id, found.sid)
+            self.recovery.end_now(found.sid)
+            return None
+        old = self.recovery.claim(found, eio_sid, self.id)
+        if old is None:
+            return None
+        if old:
+            self._let_go_elsewhere(found, old, namespace)
+        self._comebacks[(eio_sid, namespace)] = Comeback(found, seen)
+        return found.sid
+
+    def recovery_fields(self, client, envelope) -> Tuple[Optional[Comeback], Optional[dict]]:
+        """At a connect: whether the client is coming back, and what its client record adds
+        (its private id, its connection, where in the shared stream its packets start)."""
+        comeback = self._comebacks.get((client.eio_sid, client.namespace))
+        if not self.recovering:
+            return comeback, None
+        old = comeback.found.record if comeback is not None else {}
+        client.pid = old.get("pid") or new_pid(client.sid)
+        envelope.conn, envelope.recovered = client.eio_sid, comeback is not None
+        return comeback, {"pid": client.pid, "conn": client.eio_sid,
+                          "since": old.get("since") or self.applied}
+
+    def parked(self, client, envelope, reason, closing: bool) -> bool:
+        """At a disconnect: park a client that did not mean to leave (it may come back as
+        itself within the window); False when its disconnect is to be pushed now."""
+        if not client.pid:
+            return False
+        envelope.conn = client.eio_sid
+        if reason in RECOVERABLE or closing:
+            self.outbox.park(envelope)
+            return True
+        return False
+
+    def connect_fields(self, sid: str, namespace: str) -> dict:
+        """What the CONNECT packet adds to the sid: the client's private id."""
+        client = self.clients.get(sid)
+        return {"pid": client.pid} if client is not None and client.pid else {}
+
+    def connected(self, eio_sid: str, namespace: str, sid: Optional[str]) -> None:
+        """After a connect was answered: a client that came back gets what it missed."""
+        comeback = self._comebacks.pop((eio_sid, namespace), None)
+        client = self.clients.get(sid) if sid is not None else None
+        if comeback is None or client is None or client.eio_sid != eio_sid \
+                or not self.sio.manager.is_connected(sid, namespace):
+            return      # refused, or gone again: its disconnect is on its way
+        try:
+            self._catch_up(comeback, sid, namespace)
+        except REDIS_DOWN as exc:
+            # it would miss what it missed: it comes back again once Redis is
+            self.logger.warning("io-node %s: could not replay what %s missed (%s): its "
+                                "connection is closed, it will come back", self.id, sid, exc)
+            engine.drop_connection(self.sio, eio_sid)
+
+    # ---- replay -------------------------------------------------------------------------
+
+    def _catch_up(self, comeback: Comeback, sid: str, namespace: str) -> None:
+        rooms = set(self.state.rooms(sid))
+        rooms.add(sid)
+        until = self.applied
+        packets = self.recovery.missed(comeback.found, comeback.offset, namespace, rooms=rooms,
+                                       until=offset(until, END), bounded=False)
+        with self._applying:
+            if packets is not None and self.applied != until:
+                # the listen loop applied more meanwhile: those too (a short read)
+                more = self.recovery.missed(comeback.found, offset(until, END), namespace,
+                                            rooms=rooms, until=offset(self.applied, END),
+                                            bounded=False)
+                packets = None if more is None else packets + more
+            if packets is None:
+                # the app disconnected it while it was away, or the stream lost what it
+                # missed since it was claimed
+                self.logger.warning("io-node %s: %s came back but what it missed is lost: "
+                                    "disconnected", self.id, sid)
+                self.sio.disconnect(sid, namespace=namespace)
+                return
+            for command, at in packets:
+                args = unpack_args(command)
+                args.append(at)
+                self.sio.emit(command["event"], args_to_data(args), to=sid, namespace=namespace)
+            for room in rooms:
+                if room != sid:
+                    self.sio.enter_room(sid, room, namespace=namespace)
+        self.logger.info("io-node %s: %s came back (%d missed packet(s) sent, %d room(s))",
+                         self.id, sid, len(packets), len(rooms) - 1)
+
+    def apply_in_order(self, commands: list) -> None:
+        """Apply commands read from the streams, as one step a returning client's replay
+        never interleaves with."""
+        with self._applying:
+            for command in commands:
+                try:
+                    self.apply(command)
+                except Exception:
+                    self.logger.exception("io-node %s: command %r failed", self.id, command)
+            self.applied = self.reader.last_ids.get(self.reader.streams[0], self.applied)
+
+    # ---- the old connection -------------------------------------------------------------
+
+    def _let_go_elsewhere(self, found: Returning, old: str, namespace: str) -> None:
+        node = found.record.get("node")
+        if node == self.id:
+            client = self.clients.get(found.sid)
+            if client is not None and client.eio_sid == old:
+                # before python-socketio gives the sid to the new connection
+                self.let_go(old)
+        elif node:
+            self.streams.send([(node, let_go_command(found.sid, old, namespace))])
+
+    def let_go(self, eio_sid: str) -> None:
+        """Drop a connection whose client came back on another, without a disconnect."""
+        self._quiet.add(eio_sid)
+        engine.drop_connection(self.sio, eio_sid)
+
+    def quiet(self, eio_sid: str) -> bool:
+        """Whether a connection that ended was let go (its client is back elsewhere)."""
+        if eio_sid in self._quiet:
+            self._quiet.discard(eio_sid)
+            return True
+        return False
+
+    def sweep_quiet(self) -> None:
+        """Forget let-go connections that are gone (bounded memory)."""
+        self._quiet &= set(self.sio.eio.sockets)
