@@ -11,6 +11,8 @@ REDIS_URL ?=
 FRONTEND_PORT ?= 8080
 IO_PORTS ?= 8081 8082
 APP_NODES ?= 2
+# app-node n serves its /metrics, /healthz and /readyz on APP_PORT + n - 1
+APP_PORT ?= 8091
 # 843 needs root: without it the runner says so and uses 10843
 POLICY_PORT ?= 843
 HOST ?= 127.0.0.1
@@ -55,7 +57,7 @@ lint: $(STAMP) ## ruff over the code
 
 run-cluster: install ## start the example chat as a real cluster (Ctrl-C stops it)
 	$(PY) -m siocluster.cluster --host $(HOST) --frontend-port $(FRONTEND_PORT) \
-		--io-ports "$(IO_PORTS)" --app-nodes $(APP_NODES) --policy-port $(POLICY_PORT) \
+		--io-ports "$(IO_PORTS)" --app-nodes $(APP_NODES) --app-port $(APP_PORT) --policy-port $(POLICY_PORT) \
 		$(if $(REDIS_URL),--redis-url "$(REDIS_URL)")
 
 bench: install ## benchmarks side by side; prints a table and writes bench/results/*.json

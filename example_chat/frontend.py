@@ -18,7 +18,7 @@ import logging
 
 from flask import Flask, render_template
 
-from siocluster import Config, make_frontend_server
+from siocluster import Config, logs, make_frontend_server
 from siocluster.entry import listen_error, wait_for_signal
 
 logger = logging.getLogger("example_chat.frontend")
@@ -42,10 +42,11 @@ def create_app(config=None) -> Flask:
 def main(argv=None) -> None:
     from gevent.pywsgi import WSGIServer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m example_chat.frontend",
                                      description="Serve the chat's page and the io-node list.")
     config, _ = Config.load(argv, parser=parser)
+    logs.setup(config, "frontend-node")
+    logs.identify(config.node_id or "frontend-node")
     server = WSGIServer((config.http_host, config.http_port), create_app(config),
                         log=logging.getLogger("example_chat.frontend.access"))
     try:

@@ -110,6 +110,14 @@ class App:
             return functools.partial(handler.trigger_event, event.replace("-", "_")), args
         return None, args
 
+    def has_handler(self, event: str, namespace: str) -> bool:
+        """Whether ``event`` has a handler of its own, not only a catch-all."""
+        if any(event in self.handlers.get(ns, {}) for ns in (namespace, "*")):
+            return True
+        handler = self.namespace_handlers.get(namespace, self.namespace_handlers.get("*"))
+        return handler is not None and callable(
+            getattr(handler, "on_" + event.replace("-", "_"), None))
+
     def register_namespace(self, namespace_handler: Namespace) -> None:
         """Register a class-based namespace: an instance of a ``socketio.Namespace`` subclass
         whose ``on_<event>`` methods handle its namespace's events (as in python-socketio)."""

@@ -19,7 +19,7 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
     monkey.patch_all()
 
 import collections
-import logging
+import os
 import time
 from typing import Dict, List, Optional
 
@@ -36,6 +36,7 @@ from .inbox import Inbox, Taken
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .reaper import Reaper
 from .streams import CommandStreams
+from .telemetry import AppTelemetry
 from .turn import Batch, Finish, Turn
 
 # Clients a worker takes at once when more wait, besides one, and messages of one client:
@@ -46,7 +47,7 @@ TAKE_MORE = 15
 PER_CLIENT = 16
 
 
-class AppNode(Finisher, Node):
+class AppNode(Finisher, AppTelemetry, Node):
     """Runs an `App` on the inbox.
 
     :param app: the `App` (or ``"module:attr"`` naming it).
@@ -75,6 +76,7 @@ class AppNode(Finisher, Node):
         self.commands.route_by_node = not self.recovery.enabled
         self.reaper = Reaper(self)
         self.handled = 0
+        self.init_telemetry()
         self._batches = gevent.local.local()     # .current: the worker's `Batch`
         self._taking = gevent.lock.Semaphore()   # one worker waits on the inbox at a time
         self._more = False       # the last round trip saw clients waiting in the inbox
@@ -120,6 +122,7 @@ class AppNode(Finisher, Node):
             self.logger.warning("app-node %s: %d handler(s) still running after %.1fs; their "
                                 "clients went back to the inbox", self.id, len(left), timeout)
         super().stop(0.1)
+        self.stop_http()
 
     # ---- taking clients ---------------------------------------------------------------------
 
@@ -300,7 +303,9 @@ class AppNode(Finisher, Node):
                                                                               envelope.conn):
                 # the end of a connection its client no longer uses: it came back on another
                 return Finish(raw, handled=True)
+            started = time.perf_counter()
             self.app.dispatch(context)
+            self.count_handled(envelope, time.perf_counter() - started)
         except REDIS_DOWN as exc:
             # not the message's fault: again later, without counting an attempt
             self._redis_lost("handler", exc)
@@ -310,14 +315,17 @@ class AppNode(Finisher, Node):
             turn.rollback(mark)
             self.logger.exception("app-node %s: handler failed on %s %r of %s (attempt %d): %s",
                                   self.id, envelope.kind, envelope.event, envelope.sid,
-                                  envelope.attempt + 1, envelope.encode()[:500])
+                                  envelope.attempt + 1, envelope.encode()[:500],
+                                  extra={"sid": envelope.sid, "event": envelope.event})
             # the handler's commands are dropped: a retry would send them again
             envelope.attempt += 1
             if envelope.attempt >= self.config.max_attempts:
                 self.logger.error("app-node %s: message %s failed %d times, moved to %s",
                                   self.id, envelope.id, envelope.attempt, self.keys.dead)
+                self.stats.dead += 1
                 return Finish(raw, dead={"error": f"{exc.__class__.__name__}: {exc}",
                                          "raw": envelope.encode()})
+            self.stats.retries += 1
             turn.retries.append((raw, envelope.encode()))
             return None
         finally:
@@ -352,19 +360,31 @@ class AppNode(Finisher, Node):
 def main(argv=None) -> None:
     import argparse
 
+    from . import logs
     from .config import Config
+    from .entry import listen_error
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
                                      description="Run an app-node: the app's handlers on the "
                                                  "cluster's inbox.")
     parser.add_argument("app", help="the App to run, as package.module:attr")
     config, args = Config.load(argv, parser=parser)
+    logs.setup(config, "app-node")
     node = AppNode(args.app, config)
+    logs.identify(node.id)
     try:
         node.start()
     except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
         raise SystemExit(f"app-node: {exc}")
+    if args.http_port is not None or os.environ.get("SIOCLUSTER_HTTP_PORT"):
+        # its own port, given: /metrics, /healthz and /readyz
+        try:
+            server = node.serve_http((config.http_host, config.http_port))
+        except OSError as exc:
+            node.stop(1.0)
+            raise SystemExit(listen_error("app-node", exc, config.http_host, config.http_port))
+        node.logger.info("app-node %s: metrics on http://%s:%s/metrics", node.id,
+                         *server.address[:2])
     node.run_until_signalled("draining")
 
 

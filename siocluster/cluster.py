@@ -103,6 +103,11 @@ class ClusterRunner:
 
     # ---- starting ------------------------------------------------------------------------
 
+    @property
+    def app_ports(self) -> List[int]:
+        o = self.options
+        return list(range(o.app_port, o.app_port + o.app_nodes))
+
     def start(self) -> None:
         """Start every node and wait until they listen; raises SystemExit with what to do."""
         o = self.options
@@ -121,6 +126,9 @@ class ClusterRunner:
         self.say(f"ready: open http://{host}:{o.frontend_port}/ in a browser "
                  f"(io-nodes on {', '.join(str(p) for p in o.io_ports)}, {o.app_nodes} app-nodes, "
                  f"policy server on {o.policy_port}); Ctrl-C stops the cluster")
+        for name, port in [*((f"io-{p}", p) for p in o.io_ports),
+                           *((f"app-{n}", p) for n, p in enumerate(self.app_ports, 1))]:
+            self.say(f"metrics of {name}: http://{host}:{port}/metrics (and /healthz, /readyz)")
 
     def _plan(self) -> List[Child]:
         o = self.options
@@ -147,8 +155,10 @@ class ClusterRunner:
             if o.public_host:
                 args += ["--public-host", o.public_host]
             io_nodes.append(Child(f"io-{port}", args, port))
-        app_nodes = [Child(f"app-{n}", py + ["-m", "siocluster.appnode", o.app, *common])
-                     for n in range(1, o.app_nodes + 1)]
+        # an app-node's port serves its /metrics, /healthz and /readyz
+        app_nodes = [Child(f"app-{n}", py + ["-m", "siocluster.appnode", o.app, "--host", o.host,
+                                             "--port", str(port), *common], port)
+                     for n, port in enumerate(self.app_ports, 1)]
         return [policy, frontend, *io_nodes, *app_nodes]
 
     def _check_ports(self, nodes: List[Child]) -> None:
@@ -323,6 +333,9 @@ def argument_parser(environ=None) -> argparse.ArgumentParser:
                         help="one io-node per port (default: \"8081 8082\")")
     parser.add_argument("--app-nodes", type=_count, default=2,
                         help="how many app-nodes (default: %(default)s)")
+    parser.add_argument("--app-port", type=int, default=8091,
+                        help="the first app-node's port for its metrics and health, the next "
+                             "one's the port after (default: %(default)s)")
     parser.add_argument("--policy-port", type=int, default=defaults.POLICY_PORT,
                         help=f"the policy server's port (default: %(default)s; without root, "
                              f"{UNPRIVILEGED_POLICY_PORT} is used instead)")

@@ -110,6 +110,9 @@ class Config:
     public_host: Optional[str] = _field(None, "host browsers use to reach this io-node "
                                               "(default: its listening host)")
     node_id: Optional[str] = _field(None, "this node's id (default: host-pid-random)")
+    log_level: str = _field(defaults.LOG_LEVEL, "log level: DEBUG, INFO, WARNING, ERROR")
+    log_format: str = _field(defaults.LOG_FORMAT, "log lines: text, or json (one event a "
+                             "line, with node, kind and client ids)")
 
     workers: int = _field(defaults.WORKERS, "app-node: greenlets popping the inbox")
     pop_timeout: float = _field(defaults.POP_TIMEOUT, "app-node: seconds one blocking pop waits")
@@ -304,6 +307,12 @@ class Config:
         if self.node_ttl <= self.heartbeat_interval:
             raise ConfigError(f"NODE_TTL: {self.node_ttl} must exceed HEARTBEAT_INTERVAL "
                               f"({self.heartbeat_interval}) or live nodes look dead")
+        if str(self.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"LOG_LEVEL: {self.log_level!r} is not one of DEBUG, INFO, "
+                              "WARNING, ERROR")
+        self.log_level = str(self.log_level).upper()
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT: {self.log_format!r} is not text or json")
         if not self.client_config_url.startswith("/"):
             raise ConfigError(f"CLIENT_CONFIG_URL: {self.client_config_url!r} must start with /")
 

@@ -46,6 +46,10 @@ RECOVERY_MAX_PACKETS = 1_000
 RECOVERY_MAX_BYTES = 1 << 20
 COMMAND_BATCH = 256          # stream entries one io-node reads per round trip
 
+# logs
+LOG_LEVEL = "INFO"
+LOG_FORMAT = "text"          # or json: one event a line
+
 # liveness
 HEARTBEAT_INTERVAL = 2.0     # seconds between a node's heartbeats
 NODE_TTL = 10.0              # seconds without a heartbeat after which a node is dead

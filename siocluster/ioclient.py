@@ -7,6 +7,7 @@ origins a connection is accepted from (`same_host_origins`).
 """
 
 import time
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 SHOWN = 100   # characters of a client's input repeated back in errors and in the log
@@ -72,3 +73,35 @@ class Client:
             return False
         self.tokens -= 1
         return True
+
+
+class ClientEvents:
+    """A part of `IoNode`: the seed's io-node events (``on``/``fire``) and the client info
+    sent with every message. The node provides ``hooks``, ``logger`` and ``id``."""
+
+    def on(self, name: str, handler: Optional[Callable] = None):
+        """Register ``handler(*args)`` for an io-node event such as ``'app setUserId'``."""
+        def register(func):
+            self.hooks.setdefault(name, []).append(func)
+            return func
+        return register(handler) if handler else register
+
+    def fire(self, name: str, *args) -> None:
+        for handler in self.hooks.get(name, ()):
+            try:
+                handler(*args)
+            except Exception:
+                self.logger.exception("io-node %s: %r hook failed", self.id, name)
+
+    def get_client_info(self, client: Client) -> dict:
+        """The client info sent with every message of ``client``; override to add yours."""
+        return client.info
+
+    def client_info(self, sid: str, namespace: str, environ: dict) -> dict:
+        """The info computed once at connect."""
+        return {"sid": sid, "namespace": namespace,
+                "remote_addr": environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[0].strip()
+                or environ.get("REMOTE_ADDR"),
+                "user_agent": environ.get("HTTP_USER_AGENT"),
+                "origin": environ.get("HTTP_ORIGIN"),
+                "io_node": self.id}

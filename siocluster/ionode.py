@@ -31,12 +31,13 @@ from .engine import IoSocketServer
 from .entry import listen_error
 from .envelope import JSON, RESERVED_EVENTS, Envelope
 from .inbox import Inbox
-from .ioclient import Client, safe_environ, same_host_origins, shown
+from .ioclient import Client, ClientEvents, safe_environ, same_host_origins, shown
 from .listener import IoHttpServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
 from .rejoin import Rejoin
 from .streams import CommandStreams
+from .telemetry import IoTelemetry
 from .transport import IoPacket
 
 CLOSING = "this io-node is shutting down: connect to another"
@@ -45,7 +46,7 @@ GONE = "the connection closed while it was being accepted"
 REAPED = "io-node taken for dead"
 RESERVED = "event name reserved for the connection's lifecycle: use another name"
 MALFORMED = "malformed event: its name must be a string"
-class IoNode(Rejoin, CommandApplier, Node):
+class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
     """An io-node around a python-socketio server in gevent mode.
 
     :param config: a `Config` or a mapping of its keys.
@@ -93,6 +94,7 @@ class IoNode(Rejoin, CommandApplier, Node):
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.reader = self.streams.reader(self.id, self.logger)
         self.init_rejoin(sio)
+        self.init_telemetry()
         self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)
         self._pending_connects: Dict[str, gevent.event.AsyncResult] = {}
         self.hooks: Dict[str, List[Callable]] = {}
@@ -100,6 +102,9 @@ class IoNode(Rejoin, CommandApplier, Node):
         self.address = None
 
     def __call__(self, environ, start_response):
+        answer = self.observer.serve(environ, start_response)   # /metrics, /healthz, /readyz
+        if answer is not None:
+            return answer
         if self._closing and "sid=" not in environ.get("QUERY_STRING", ""):
             # a new connection while shutting down: an HTTP error, which clients retry
             # (elsewhere, or on our successor), where a refused Socket.IO connect is final
@@ -193,39 +198,11 @@ class IoNode(Rejoin, CommandApplier, Node):
         info["clients"] = len(self.clients)
         return info
 
-    # ---- io-node hooks (the seed's io-node events) ------------------------------------------
-
-    def on(self, name: str, handler: Optional[Callable] = None):
-        """Register ``handler(*args)`` for an io-node event such as ``'app setUserId'``."""
-        def register(func):
-            self.hooks.setdefault(name, []).append(func)
-            return func
-        return register(handler) if handler else register
-
-    def fire(self, name: str, *args) -> None:
-        for handler in self.hooks.get(name, ()):
-            try:
-                handler(*args)
-            except Exception:
-                self.logger.exception("io-node %s: %r hook failed", self.id, name)
-
-    def get_client_info(self, client: Client) -> dict:
-        """The client info sent with every message of ``client``; override to add yours."""
-        return client.info
-
-    def client_info(self, sid: str, namespace: str, environ: dict) -> dict:
-        """The info computed once at connect."""
-        return {"sid": sid, "namespace": namespace,
-                "remote_addr": environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[0].strip()
-                or environ.get("REMOTE_ADDR"),
-                "user_agent": environ.get("HTTP_USER_AGENT"),
-                "origin": environ.get("HTTP_ORIGIN"),
-                "io_node": self.id}
-
     # ---- client -> inbox --------------------------------------------------------------------
 
     def _on_connect(self, namespace, sid, environ, auth=None):
         if self._closing:
+            self.count_refusal("connect", CLOSING)
             raise SioConnectionRefused(CLOSING)
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         client = Client(sid, namespace, eio_sid, self.client_info(sid, namespace, environ),
@@ -240,6 +217,7 @@ class IoNode(Rejoin, CommandApplier, Node):
             refusal = self.outbox.put(envelope, extra=record)
             if refusal is not None:
                 self.clients.pop(sid, None)
+                self.count_refusal("connect", refusal)
                 raise SioConnectionRefused(refusal)
             try:
                 ok, error = verdict.get(timeout=self.config.connect_timeout)
@@ -265,6 +243,8 @@ class IoNode(Rejoin, CommandApplier, Node):
             ok, error = False, {"message": GONE}
         if not ok:
             self.clients.pop(sid, None)
+            self.count_refusal("connect", error.get("message") if isinstance(error, dict)
+                               else error)
             if comeback is not None:
                 # it was claimed for this connection: its old self has left for good
                 self.send_to_app(Envelope("disconnect", namespace, sid, self.id, client.info,
@@ -273,6 +253,8 @@ class IoNode(Rejoin, CommandApplier, Node):
                 raise SioConnectionRefused(error.get("message"), *(
                     [error["data"]] if error.get("data") is not None else []))
             raise SioConnectionRefused(error or "connection refused")
+        self.stats.connects += 1
+        self.stats.recovered += comeback is not None
         self.fire("socket connection", client)
         return True
 
@@ -302,6 +284,7 @@ class IoNode(Rejoin, CommandApplier, Node):
             self._pending_acks.pop(envelope.id, None)
             self._refuse(client, event, ack_id, refusal)
             return
+        self.stats.events += 1
         self.fire("socket message", client, event, args)
 
     def _on_disconnect(self, namespace, sid, reason=None):
@@ -313,8 +296,10 @@ class IoNode(Rejoin, CommandApplier, Node):
         envelope = Envelope("disconnect", namespace, sid, self.id, self.get_client_info(client),
                             reason=str(reason) if reason is not None else None)
         if self.parked(client, envelope, reason, self._closing):
+            self.stats.parked += 1
             self.fire("socket disconnect", client)
             return
+        self.stats.disconnects += 1
         refusal = self.outbox.put(envelope)
         if refusal is not None:
             self.logger.error("io-node %s: the disconnect of %s cannot be encoded (%s); the "
@@ -326,8 +311,9 @@ class IoNode(Rejoin, CommandApplier, Node):
         """Tell a client its message was not taken: by its ack, and by an ``error`` event
         that names the event (cut short: it is the client's input)."""
         event = shown(event)
+        self.count_refusal("event", reason)
         self.logger.warning("io-node %s: refused %r from %s: %s", self.id, event, client.sid,
-                            reason)
+                            reason, extra={"sid": client.sid, "event": event})
         if ack_id is not None:
             engine.send_ack(self.sio, client.eio_sid, client.namespace, ack_id,
                            [{"ok": False, "error": reason}])
@@ -413,15 +399,17 @@ class IoNode(Rejoin, CommandApplier, Node):
 
 
 def main(argv=None) -> None:
-    from .config import Config, ConfigError
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import argparse
+
+    from . import logs
+    from .config import Config, ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.ionode",
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
     config, _ = Config.load(argv, parser=parser)
+    logs.setup(config, "io-node")
     node = IoNode(config)
+    logs.identify(node.id)
     try:
         node.check_redis()
     except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do

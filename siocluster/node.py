@@ -18,7 +18,7 @@ from gevent import monkey
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import defaults
+from . import defaults, observe
 from .config import Config, as_config
 from .recovery import Recovery
 from .state import ClusterState, Keys
@@ -75,6 +75,9 @@ class Node:
         self.started_at = time.time()
         # when this node's Redis connection last came back (0: it never broke)
         self.redis_up_since = 0.0
+        self.draining = False
+        self.redis_roundtrip = observe.Histogram()     # of heartbeats: one script call each
+        self.observer = observe.Observer(self)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -188,8 +191,43 @@ class Node:
 
     def heartbeat(self) -> None:
         """Mark this node alive for ``node_ttl`` seconds in the registry."""
-        if self.state.heartbeat(self.id, self.info(), self.config.node_ttl):
+        reaped, seconds = observe.timed(
+            lambda: self.state.heartbeat(self.id, self.info(), self.config.node_ttl))
+        self.redis_roundtrip.observe(seconds)
+        if reaped:
             self.reaped()
+
+    # ---- what operators see ---------------------------------------------------------------
+
+    def metrics(self):
+        """This node's Prometheus metric families (`siocluster.observe`); subclasses add."""
+        import siocluster
+
+        yield observe.gauge("siocluster_node_info", "this node: version, kind, id", 1,
+                            version=siocluster.__version__, kind=self.role, id=self.id)
+        yield observe.gauge("siocluster_redis_up", "1 while this node reaches Redis",
+                            0 if self._redis_down_since is not None else 1)
+        yield observe.histograms("siocluster_redis_roundtrip_seconds",
+                                 "Redis round trips (each heartbeat's)", None,
+                                 {"": self.redis_roundtrip})
+
+    def readiness(self) -> dict:
+        """``{check: (ok, detail)}`` for ``/readyz``; subclasses add theirs."""
+        checks = {"draining": (not (self.draining or self.stopping.is_set()),
+                               "stopping" if self.draining or self.stopping.is_set() else "no")}
+        try:
+            with gevent.Timeout(1.0):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.ping()
+                pipe.exists(self.keys.alive(self.id))
+                _, alive = pipe.execute()
+            checks["redis"] = (True, "reachable")
+            checks["registered"] = (bool(alive), "alive in the registry" if alive
+                                    else "not registered, or its heartbeat lapsed")
+        except (gevent.Timeout, *REDIS_DOWN) as exc:
+            checks["redis"] = (False, f"unreachable: {exc.__class__.__name__}")
+            checks["registered"] = (False, "unknown: Redis is unreachable")
+        return checks
 
     def reaped(self) -> None:
         """Called when this node comes back after the cluster took it for dead and cleaned

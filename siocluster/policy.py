@@ -19,7 +19,7 @@ import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from . import defaults
+from . import defaults, logs
 from .config import Config, ConfigError, ConfigLike, as_config
 from .entry import listen_error, wait_for_signal
 from .net import parse_ports
@@ -108,7 +108,6 @@ def _may_be_request(data: bytes) -> bool:
 
 def main(argv=None) -> None:
     """Command line of ``python policy_server.py``; SIGTERM or SIGINT stops it."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(
         prog="python policy_server.py",
         description="Answer Flash's cross-domain policy requests for the io-node ports.")
@@ -124,6 +123,10 @@ def main(argv=None) -> None:
                         help="seconds a client has to send its request (default: %(default)s)")
     parser.add_argument("--max-request", type=int, default=defaults.POLICY_MAX_REQUEST,
                         help="bytes a request may take (default: %(default)s)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default: "
+                                            "SIOCLUSTER_LOG_LEVEL, else INFO)")
+    parser.add_argument("--log-format", help="text, or json: one event a line (default: "
+                                             "SIOCLUSTER_LOG_FORMAT, else text)")
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port: {args.port} is not a port number (0-65535)")
@@ -131,8 +134,12 @@ def main(argv=None) -> None:
         parser.error(f"--timeout must be above 0 and --max-request at least {len(REQUEST) + 1}")
     try:
         config = Config.from_env()
+        config = config.replace(**{k: v for k, v in (("log_level", args.log_level),
+                                                      ("log_format", args.log_format)) if v})
     except ConfigError as exc:
         parser.error(str(exc))
+    logs.setup(config, "policy")
+    logs.identify(config.node_id or "policy")
 
     host = args.host or config.http_host
     server = PolicyServer((host, args.port), ports=args.allow_ports, config=config,

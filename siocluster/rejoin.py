@@ -159,11 +159,12 @@ class Rejoin:
                 if room != sid:
                     self.sio.enter_room(sid, room, namespace=namespace)
         self.logger.info("io-node %s: %s came back (%d missed packet(s) sent, %d room(s))",
-                         self.id, sid, len(packets), len(rooms) - 1)
+                         self.id, sid, len(packets), len(rooms) - 1, extra={"sid": sid})
 
     def apply_in_order(self, commands: list) -> None:
         """Apply commands read from the streams, as one step a returning client's replay
         never interleaves with."""
+        before = self.applied
         with self._applying:
             for command in commands:
                 try:
@@ -171,6 +172,8 @@ class Rejoin:
                 except Exception:
                     self.logger.exception("io-node %s: command %r failed", self.id, command)
             self.applied = self.reader.last_ids.get(self.reader.streams[0], self.applied)
+        if commands:
+            self.count_applied(commands, self.applied if self.applied != before else None)
 
     # ---- the old connection -------------------------------------------------------------
 

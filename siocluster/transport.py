@@ -112,6 +112,7 @@ class PollingBounds:
 
     def _overflowed(self, waiting: int) -> None:
         self.cut_off = True
+        self.server.slow_clients_cut = getattr(self.server, "slow_clients_cut", 0) + 1
         logger.warning(
             "%s: client too slow, %d bytes waiting for it (max_send_backlog is %d): "
             "disconnected", self.sid, waiting, self.server.max_send_backlog)

@@ -21,10 +21,14 @@ import atexit
 
 def create_application(environ=None):
     """Build and start an io-node from the environment; returns it (a WSGI app)."""
+    from . import logs
     from .config import Config
     from .ionode import IoNode
 
-    node = IoNode(Config.from_env(environ))
+    config = Config.from_env(environ)
+    logs.setup(config, "io-node")
+    node = IoNode(config)
+    logs.identify(node.id)
     node.start()
     atexit.register(node.stop, 5.0)
     return node

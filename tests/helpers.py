@@ -20,6 +20,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports (the runner gives app-nodes a run)."""
+    for _ in range(100):
+        first = free_port()
+        if first + count < 65536 and all(_is_free(first + n) for n in range(1, count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_until(predicate, timeout=5.0, interval=0.01, message="condition not met"):
     """Wait for ``predicate()`` to be true (it is re-checked as other greenlets run)."""
     deadline = time.monotonic() + timeout

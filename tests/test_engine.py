@@ -186,6 +186,7 @@ def test_slow_client_is_cut_off_and_the_others_get_everything(cluster, caplog):
     # the fast client got every message, in order, while the slow one was cut off
     assert [args[0]["n"] for args in fast.received("big")] == list(range(sent))
     assert "client too slow" in caplog.text
+    assert node.sio.eio.slow_clients_cut == 1                 # siocluster_slow_clients_cut_total
     assert node.sio.manager.is_connected(fast.sid, "/")
     assert not node.sio.manager.is_connected(slow_sid, "/")
     slow.close()

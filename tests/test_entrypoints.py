@@ -1,5 +1,6 @@
 """The nodes as their users run them: `python -m ...` and gunicorn, in subprocesses."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -67,6 +68,44 @@ def test_python_m_ionode_and_appnode(config, node_env):
     assert io_code == 0, io_out
     assert app_code == 0, app_out
     assert _live(config, None) == {}      # both deregistered on SIGTERM
+
+
+def test_log_format_json_gives_one_event_a_line_with_node_kind_and_client(config, node_env):
+    port = free_port()
+    io = Process([sys.executable, "-m", "siocluster.ionode", "--port", str(port),
+                  "--log-format", "json", "--log-level", "debug"], node_env)
+    app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo",
+                   "--workers", "2"], dict(node_env, SIOCLUSTER_LOG_FORMAT="json",
+                                           SIOCLUSTER_LOG_LEVEL="warning"))
+    try:
+        wait_until(lambda: _live(config, "io-node") and _live(config, "app-node"), timeout=20,
+                   message="nodes did not register")
+        client = EventClient()
+        client.sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"],
+                           wait_timeout=10)
+        sid = client.sid
+        client.sio.emit("no-client", "reserved")        # refused, and logged with its sid
+        client.expect("error")
+        client.close()
+    finally:
+        _, io_out = io.stop()
+        _, app_out = app.stop()
+    io_lines = [json.loads(line) for line in io_out.splitlines() if line.strip()]
+    node_id = next(iter({line["node"] for line in io_lines}))
+    assert {line["kind"] for line in io_lines} == {"io-node"} and node_id.startswith("io-node")
+    assert "DEBUG" in {line["level"] for line in io_lines}
+    refusal = [line for line in io_lines if line.get("sid") == sid]
+    assert refusal and refusal[0]["level"] == "WARNING" and refusal[0]["event"] == "no-client"
+    app_lines = [json.loads(line) for line in app_out.splitlines() if line.strip()]
+    assert {line["level"] for line in app_lines} <= {"WARNING", "ERROR", "CRITICAL"}
+    assert all(line["kind"] == "app-node" for line in app_lines)
+
+
+def test_a_bad_log_setting_is_refused_with_its_name(node_env):
+    proc = subprocess.run([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo",
+                           "--log-format", "xml"], cwd=ROOT, env=node_env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0 and "LOG_FORMAT" in proc.stderr
 
 
 def test_gunicorn_runs_an_io_node(config, node_env):

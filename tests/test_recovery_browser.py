@@ -29,7 +29,7 @@ import gevent
 import pytest
 
 from siocluster.cluster import frontend_origins
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, free_port_run, wait_until
 from tests.test_browser import WAIT, Page, start_chromium
 from tests.test_run_cluster import ROOT, Runner, browser_like, call
 
@@ -72,7 +72,8 @@ class Cluster:
         self.runner = Process("siocluster.cluster", "--host", "127.0.0.1",
                               "--frontend-port", str(self.frontend),
                               "--io-ports", f"{self.io_a} {self.io_b}", "--app-nodes", "2",
-                              "--policy-port", str(free_port()), settings=self.settings)
+                              "--policy-port", str(free_port()),
+                              "--app-port", str(free_port_run(2)), settings=self.settings)
         self.extra = []
 
     def wait_ready(self):

@@ -16,7 +16,7 @@ import requests
 import socketio
 
 from siocluster.state import ClusterState, Keys
-from tests.helpers import EventClient, free_port, wait_until
+from tests.helpers import EventClient, free_port, free_port_run, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +27,9 @@ class Runner:
     def __init__(self, *args):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIOCLUSTER_")}
         env["PYTHONPATH"] = ROOT
+        if "--app-port" not in args:
+            # the app-nodes' metrics ports: free ones, not the default 8091 and up
+            args = (*args, "--app-port", str(free_port_run(4)))
         self.proc = subprocess.Popen([sys.executable, "-m", "siocluster.cluster", *args],
                                      cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -125,6 +128,14 @@ def test_runner_starts_a_working_cluster_and_leaves_nothing_behind():
     clients = []
     try:
         runner.wait_for(rf"^cluster\s+\| ready: open http://127\.0\.0\.1:{frontend}/")
+        # each io-node and app-node says where its metrics are, and serves them there
+        urls = re.findall(r"metrics of (\S+): (http://\S+/metrics)", runner.output)
+        assert sorted(name for name, _ in urls) == sorted(
+            [f"io-{io_a}", f"io-{io_b}", "app-1", "app-2"]), runner.output
+        for _, url in urls:
+            metrics = requests.get(url, timeout=5)
+            assert metrics.status_code == 200 and "siocluster_node_info" in metrics.text
+            assert requests.get(url.replace("/metrics", "/readyz"), timeout=5).json()["ready"]
         redis_port = int(runner.wait_for(r"embedded Redis at redis://127\.0\.0\.1:(\d+)/0")
                          .group(1))
         pids = runner.pids()
@@ -228,7 +239,7 @@ def test_make_run_cluster_passes_its_variables_to_the_runner():
         pytest.skip("make is not installed")
     result = subprocess.run(
         [make, "-n", "run-cluster", "FRONTEND_PORT=9080", "IO_PORTS=9081 9082 9083",
-         "APP_NODES=3", "POLICY_PORT=10843", "HOST=0.0.0.0", "REDIS_URL=redis://db:6379/2"],
+         "APP_NODES=3", "APP_PORT=9091", "POLICY_PORT=10843", "HOST=0.0.0.0", "REDIS_URL=redis://db:6379/2"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     # the recipe is one command over several lines joined by backslashes
@@ -238,7 +249,8 @@ def test_make_run_cluster_passes_its_variables_to_the_runner():
     args = shlex.split(lines[0])
     args = args[args.index("siocluster.cluster") + 1:]
     assert args == ["--host", "0.0.0.0", "--frontend-port", "9080", "--io-ports",
-                    "9081 9082 9083", "--app-nodes", "3", "--policy-port", "10843",
+                    "9081 9082 9083", "--app-nodes", "3", "--app-port", "9091",
+                    "--policy-port", "10843",
                     "--redis-url", "redis://db:6379/2"]
 
     # and the runner takes them: --help parses with the same flags
