@@ -64,6 +64,7 @@ class App:
         # the app-node this App sends through outside handlers; inside one, the app-node
         # running it (one App may run in several app-nodes)
         self.node = None
+        self.admin = None           # the Admin UI's server side, once `instrument` ran
 
     # ---- handlers ---------------------------------------------------------------------------
 
@@ -117,6 +118,17 @@ class App:
         handler = self.namespace_handlers.get(namespace, self.namespace_handlers.get("*"))
         return handler is not None and callable(
             getattr(handler, "on_" + event.replace("-", "_"), None))
+
+    def instrument(self, auth=None, mode: str = "development", read_only: bool = False,
+                   server_id: Optional[str] = None, namespace: str = "/admin",
+                   server_stats_interval: float = 2):
+        """Serve the Socket.IO Admin UI cluster-wide, as python-socketio's ``instrument``
+        does for one process: see `siocluster.admin.AdminUI`. Returns it."""
+        from .admin import AdminUI
+
+        self.admin = AdminUI(self, auth, mode, read_only, server_id, namespace,
+                             server_stats_interval)
+        return self.admin
 
     def register_namespace(self, namespace_handler: Namespace) -> None:
         """Register a class-based namespace: an instance of a ``socketio.Namespace`` subclass
@@ -200,9 +212,13 @@ class App:
 
     def enter_room(self, sid: str, room: str, namespace: Optional[str] = None) -> None:
         self._node().commands.room("enter_room", sid, room, namespace or "/")
+        if self.admin is not None:
+            self.admin.room_changed("room_joined", namespace or "/", room, sid)
 
     def leave_room(self, sid: str, room: str, namespace: Optional[str] = None) -> None:
         self._node().commands.room("leave_room", sid, room, namespace or "/")
+        if self.admin is not None:
+            self.admin.room_changed("room_left", namespace or "/", room, sid)
 
     def close_room(self, room: str, namespace: Optional[str] = None) -> None:
         node = self._node()
@@ -348,10 +364,14 @@ class App:
             context.refused = not ok
             if not ok:
                 del context.commands[:]    # a refused client gets nothing but its refusal
+            elif self.admin is not None:
+                self.admin.saw(envelope)
             # the verdict goes first: the io-node lets the client in before the handler's emits
             context.commands.insert(0, (envelope.node,
                                         verdict_command(envelope.id, sid, ns, ok, error)))
             return
+        if self.admin is not None:
+            self.admin.saw(envelope)
         if not commands.seen(sid):
             commands.remember(sid, envelope.node)
             handler, args = app.handler_for("no-client", ns, (sid, envelope.client))

@@ -96,6 +96,8 @@ class AppNode(Finisher, AppTelemetry, Node):
         for n in range(self.config.workers):
             self.spawn_loop(self._work_step, f"worker-{n}")
         self.spawn_loop(self._reap_step, "reaper")
+        if self.app.admin is not None:      # app.instrument(): the Admin UI's server stats
+            self.spawn_loop(self._admin_step, "admin")
         self.logger.info("app-node %s started with %d workers", self.id, self.config.workers)
         return self
 
@@ -211,6 +213,10 @@ class AppNode(Finisher, AppTelemetry, Node):
             return
         self._recover()
         self.reaper.step()
+
+    def _admin_step(self):
+        self.app.admin.server_stats(self)
+        self.stopping.wait(self.app.admin.interval)
 
     def redis_returned(self) -> None:
         self._recover_due = True

@@ -196,6 +196,8 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
         info.update(internal=host, port=port, external=self.config.public_host or host)
         info["tls"] = bool(self.config.certfile)      # clients must use https and wss
         info["clients"] = len(self.clients)
+        info["polling_clients"] = sum(1 for sock in list(self.sio.eio.sockets.values())
+                                      if not getattr(sock, "upgraded", True))
         return info
 
     # ---- client -> inbox --------------------------------------------------------------------

@@ -9,6 +9,7 @@ once that Redis is back and calls `redis_returned()`, for subclasses to catch up
 """
 
 import logging
+import os
 import socket
 import time
 
@@ -187,7 +188,7 @@ class Node:
     def info(self) -> dict:
         """What the registry shows of this node; subclasses add to it."""
         return {"id": self.id, "role": self.role, "host": socket.gethostname(),
-                "started_at": self.started_at}
+                "pid": os.getpid(), "started_at": self.started_at}
 
     def heartbeat(self) -> None:
         """Mark this node alive for ``node_ttl`` seconds in the registry."""
