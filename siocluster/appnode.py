@@ -330,7 +330,8 @@ class AppNode(Finisher, AppTelemetry, Node):
                                   self.id, envelope.id, envelope.attempt, self.keys.dead)
                 self.stats.dead += 1
                 return Finish(raw, dead={"error": f"{exc.__class__.__name__}: {exc}",
-                                         "raw": envelope.encode()})
+                                         "raw": envelope.encode(),
+                                         "attempts": envelope.attempt})
             self.stats.retries += 1
             turn.retries.append((raw, envelope.encode()))
             return None
