@@ -26,48 +26,10 @@ from urllib.parse import quote
 from . import defaults
 from .connection import make_redis, parse_redis_url
 from .errors import ConfigError
+from .ioservers import IoServer, parse_io_servers
 from .net import port_number
 
 ENV_PREFIX = "SIOCLUSTER_"
-
-
-@dataclasses.dataclass(frozen=True)
-class IoServer:
-    """One io-node as the seed's ``IO_SERVERS`` lists it.
-
-    ``internal`` is the address the cluster uses; ``external`` the host browsers connect
-    to. Only ``external`` and ``port`` are ever shown to a browser.
-    """
-
-    internal: str
-    external: str
-    port: int
-
-    @classmethod
-    def parse(cls, value: Any, key: str = "IO_SERVERS") -> "IoServer":
-        if isinstance(value, IoServer):
-            return value
-        if isinstance(value, str):
-            # "host:port" or "internal|external:port" for environment variables and flags
-            host, sep, port = value.rpartition(":")
-            if not sep:
-                raise ConfigError(f"{key}: {value!r} is not host:port")
-            internal, _, external = host.partition("|")
-            value = {"internal": internal, "external": external or internal, "port": port}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: each io-node must be an object with internal, "
-                              f"external and port, not {value!r}")
-        unknown = set(value) - {"internal", "external", "port"}
-        if unknown:
-            raise ConfigError(f"{key}: unknown field {sorted(unknown)[0]!r} in {dict(value)!r}")
-        internal = str(value.get("internal") or "")
-        external = str(value.get("external") or internal or "")
-        port = port_number(value.get("port"), f"{key}.port")
-        return cls(internal=internal or external, external=external, port=port)
-
-    def public(self) -> dict:
-        """What a browser may see: the external address only."""
-        return {"host": self.external, "port": self.port}
 
 
 def _field(default, help, *, seed=None, flag=True):
@@ -372,18 +334,7 @@ def _coerce(name: str, value: Any, key: str) -> Any:
     if name in ("http_port", "redis_port"):
         return port_number(value, key)
     if name == "io_servers":
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("["):
-                try:
-                    value = json.loads(value)
-                except ValueError as exc:
-                    raise ConfigError(f"{key}: not valid JSON ({exc})")
-            else:
-                value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: must be a list of io-nodes, not {value!r}")
-        return [IoServer.parse(v, key) for v in value]
+        return parse_io_servers(value, key)
     if name == "cors_allowed_origins":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

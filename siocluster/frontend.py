@@ -11,13 +11,16 @@ and a page loads the two scripts, then connects to one of the listed io-nodes:
     <script src="/config.js"></script>
     <script>
       const servers = window.SIOCLUSTER.ioServers;
-      const socket = io(servers[Math.floor(Math.random() * servers.length)].url);
+      const server = servers[Math.floor(Math.random() * servers.length)];
+      const socket = io(server.url, {path: server.path});   // path: undefined is the default
     </script>
 
 It serves, under the blueprint's ``url_prefix``:
 
 - ``CLIENT_CONFIG_URL`` (``/config.js``): ``window.SIOCLUSTER = {"ioServers": [...]}``, each
-  io-node as ``{"host", "port", "url"}`` with its external address only;
+  io-node as ``{"host", "port", "url"}`` with its external address only, and one that
+  ``IO_SERVERS`` gives a public URL (io-nodes behind a reverse proxy, each on a path of one
+  host name) also with ``"path"``: its ``url`` is then the origin, port included;
 - the same data as JSON at the same path ending in ``.json`` (``/config.json``);
 - ``/socket.io.min.js``: the Socket.IO browser client from the local copy that
   ``make client-js`` fetches, or a redirect to the same version on the public CDN.
@@ -83,7 +86,8 @@ class Frontend:
         An empty or wildcard external host (``0.0.0.0``, ``::``) becomes ``request_host``,
         the name the browser used to reach this frontend-node. An io-node that serves TLS
         itself is listed as ``https``; the others with the scheme of the browser's request
-        (``https`` behind a proxy that ends TLS for them).
+        (``https`` behind a proxy that ends TLS for them). An io-node configured with a
+        public URL is listed as that URL says, with a ``path``.
         """
         if self.config.io_servers:
             servers = [s.public() for s in self.config.io_servers]
@@ -94,6 +98,8 @@ class Frontend:
                               for i in live if i.get("port")})
             servers = [{"host": host, "port": port, "tls": tls} for host, port, tls in servers]
         for server in servers:
+            if "path" in server:        # a public URL (behind a proxy): given whole
+                continue
             if is_wildcard(server["host"]):
                 server["host"] = request_host
             host = f"[{server['host']}]" if ":" in server["host"] else server["host"]

@@ -105,3 +105,63 @@ def test_replace_keeps_the_rest():
     other = config.replace(workers=2)
     assert (other.prefix, other.workers, other.io_servers) == ("a", 2, config.io_servers)
     assert config.workers != 2
+
+
+# ---- IO_SERVERS with public URLs (io-nodes behind a reverse proxy) -------------------------
+
+def test_io_servers_with_public_urls_in_every_spelling():
+    as_json = Config.from_env({"SIOCLUSTER_IO_SERVERS": (
+        '[{"internal": "10.0.0.5:8081", "url": "wss://chat.example.com/io/1/socket.io/"},'
+        ' {"internal": "10.0.0.6", "external": "io2.example.com", "port": 8082}]')})
+    as_text = Config.from_env({"SIOCLUSTER_IO_SERVERS": (
+        "10.0.0.5:8081|wss://chat.example.com/io/1/socket.io/, 10.0.0.6|io2.example.com:8082")})
+    assert as_json.io_servers == as_text.io_servers
+    first, second = as_json.io_servers
+    assert first == IoServer("10.0.0.5:8081", "chat.example.com", 443,
+                             "https://chat.example.com:443/io/1/socket.io/")
+    assert first.public() == {"host": "chat.example.com", "port": 443,
+                              "url": "https://chat.example.com:443", "path": "/io/1/socket.io/"}
+    assert second.public() == {"host": "io2.example.com", "port": 8082}     # as before
+
+    # a bare URL; http and ws; a port of its own; no path is the io-node's own; IPv6
+    assert [(s.url, s.internal, s.port) for s in Config(io_servers=[
+        "https://Chat.Example.com:8443/io/2", "ws://io.example.com", "http://[2001:db8::7]/x/",
+    ]).io_servers] == [
+        ("https://chat.example.com:8443/io/2/", "chat.example.com", 8443),
+        ("http://io.example.com:80/socket.io/", "io.example.com", 80),
+        ("http://[2001:db8::7]:80/x/", "2001:db8::7", 80)]
+    assert Config(io_servers=["http://[2001:db8::7]/x/"]).io_servers[0].public()["url"] == \
+        "http://[2001:db8::7]:80"
+
+
+@pytest.mark.parametrize("url, words", [
+    ("ftp://chat.example.com/io/1/", ["must start with", "https://, wss://"]),
+    ("chat.example.com/io/1/", ["neither host:port nor a URL"]),
+    ("https:///io/1/", ["no host"]),
+    ("https://0.0.0.0/io/1/", ["every-interface"]),
+    ("wss://[::]/io/1/", ["every-interface"]),
+    ("https://chat.example.com/io/1/?x=1", ["query or fragment"]),
+    ("https://chat.example.com/io/1/#top", ["query or fragment"]),
+    ("https://chat.example.com/io 1/", ["path"]),
+    ('https://chat.example.com/io/"1"/', ["path"]),
+    ("https://chat.example.com:0/io/", ["port 0"]),
+    ("https://chat.example.com:99999/io/", ["not a URL", "Port"]),
+    ("https://chat.example.com:x/io/", ["not a URL"]),
+    ("https://ops:s3cret@chat.example.com/io/", ["user or password", "***@chat.example.com"]),
+    (8081, ["not a URL"]),
+])
+def test_a_bad_io_server_url_names_io_servers_and_what_is_wrong(url, words):
+    where = url if isinstance(url, str) and "://" not in url else {"url": url}
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping({"IO_SERVERS": [where]})
+    message = str(info.value)
+    assert message.startswith("IO_SERVERS"), message
+    for word in words:
+        assert word in message, message
+    assert "s3cret" not in message        # a password is not repeated, even to refuse it
+
+
+def test_an_io_server_has_a_url_or_external_and_port_not_both():
+    with pytest.raises(ConfigError, match="IO_SERVERS: an io-node has a url, or an external "
+                                          "host and a port, not both"):
+        Config(io_servers=[{"url": "https://chat.example.com/io/1/", "port": 443}])

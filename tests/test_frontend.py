@@ -177,3 +177,28 @@ def test_an_io_node_serving_tls_is_listed_as_https(cluster, config):
     response = client.get("/config.json", base_url="http://chat.example.com:8080/")
     assert sorted(s["url"] for s in response.get_json()["ioServers"]) == [
         "http://chat.example.com:8081", "https://chat.example.com:8443"]
+
+
+def test_io_nodes_behind_a_proxy_are_listed_by_their_public_urls_and_paths():
+    client = flask_app(Config(io_servers=[
+        {"internal": "10.1.2.3:8081", "url": "wss://chat.example.com/io/1/socket.io/"},
+        {"internal": "io-2.cluster.internal:8082", "url": "https://chat.example.com/io/2/"},
+        {"internal": "10.1.2.4", "external": "0.0.0.0", "port": 8083},     # the older form
+    ])).test_client()
+    expected = [
+        {"host": "chat.example.com", "port": 443, "url": "https://chat.example.com:443",
+         "path": "/io/1/socket.io/"},
+        {"host": "chat.example.com", "port": 443, "url": "https://chat.example.com:443",
+         "path": "/io/2/"},
+        {"host": "frontend.example.net", "port": 8083, "url": "http://frontend.example.net:8083"},
+    ]
+    # the URLs are given whole: the scheme and host of the request do not change them
+    base = "http://frontend.example.net:8080/"
+    js = client.get("/config.js", base_url=base)
+    as_json = client.get("/config.json", base_url=base)
+    assert read_js(js)["ioServers"] == expected
+    assert as_json.get_json()["ioServers"] == expected
+    for response in (js, as_json):
+        body = response.get_data(as_text=True)
+        for internal in ("10.1.2.3", "io-2.cluster.internal", "10.1.2.4", "8081", "8082"):
+            assert internal not in body
