@@ -9,7 +9,9 @@
 // the server's recovery window (RECOVERY_WINDOW) gets its session back: the same id, still in
 // its room, and every message it missed, so it joins nothing again. Later than that, it is a
 // new client and joins its room again (what was said meanwhile comes in the room's history).
-// `?io=8082` (a port or a URL) prefers one io-node, for trying the failover by hand.
+// An io-node behind a reverse proxy comes with a path (/io/1/socket.io/ of the proxy's host
+// name, say): the socket is given it too, and each attempt is pointed at both, URL and path.
+// `?io=8082` (a port, a URL or a path) prefers one io-node, for trying the failover by hand.
 // window.chatSocket is the socket, window.chatState what happened to it (for the tests).
 (function () {
   "use strict";
@@ -28,9 +30,9 @@
   const sayForm = el("say-form");
 
   let servers = (window.SIOCLUSTER && window.SIOCLUSTER.ioServers) || [];
-  const failedAt = new Map();   // io-node url -> when it failed
+  const failedAt = new Map();   // io-node (its key) -> when it failed
   let socket = null;
-  let current = null;           // url of the io-node the socket uses or tries
+  let current = null;           // key of the io-node the socket uses or tries
   let everConnected = false;
   let joined = null;            // {name, room} once the server accepted a join
   let retry = RECONNECT_DELAY;  // for the reconnects socket.io leaves to the page
@@ -57,11 +59,18 @@
     el("error").textContent = text || "";
   }
 
+  // An io-node's full address: its url, plus its path when it has one (io-nodes behind one
+  // proxy share the url and differ by path).
+  function key(server) {
+    return server.path ? server.url + server.path : server.url;
+  }
+
   function pick() {
     const now = Date.now();
-    let usable = servers.filter((s) => !(now - (failedAt.get(s.url) || -Infinity) < AVOID_FOR));
+    let usable = servers.filter((s) => !(now - (failedAt.get(key(s)) || -Infinity) < AVOID_FOR));
     if (!usable.length) usable = servers;
-    const wanted = usable.find((s) => preferred && (s.url === preferred || String(s.port) === preferred));
+    const wanted = usable.find((s) => preferred && (key(s) === preferred || s.url === preferred
+      || String(s.port) === preferred || (s.path && s.path.startsWith(preferred))));
     return wanted || usable[Math.floor(Math.random() * usable.length)];
   }
 
@@ -85,9 +94,10 @@
       }, LIST_RETRY);
       return;
     }
-    current = server.url;
+    current = key(server);
     status("connecting to " + current + "…", "connecting", current);
-    socket = io(current, {
+    socket = io(server.url, {
+      path: server.path,            // undefined: socket.io's default, /socket.io/
       forceNew: true,
       reconnection: true,
       reconnectionDelay: RECONNECT_DELAY,
@@ -105,17 +115,19 @@
     socket.io.on("reconnect_attempt", onReconnectAttempt);
   }
 
-  // The Manager opens each new connection from socket.io.uri, right after this event.
+  // The Manager opens each new connection from socket.io.uri and socket.io.opts (its path),
+  // right after this event.
   function onReconnectAttempt(attempt) {
     const server = pick();
-    if (server) moveTo(server.url);
+    if (server) moveTo(server);
     status("connecting to " + current + " (attempt " + attempt + ")…", "connecting", current);
     refreshServers();             // for the next attempt, if this one fails
   }
 
-  function moveTo(url) {
-    current = url;
-    socket.io.uri = url;
+  function moveTo(server) {
+    current = key(server);
+    socket.io.uri = server.url;
+    socket.io.opts.path = server.path || "/socket.io";
   }
 
   function onConnect() {
@@ -179,7 +191,7 @@
       await refreshServers();
       if (socket.connected) return;
       const server = pick();
-      if (server) moveTo(server.url);
+      if (server) moveTo(server);
       status("connecting to " + current + "…", "connecting", current);
       socket.connect();
     }, retry);
