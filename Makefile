@@ -20,7 +20,7 @@ HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps browser-deps client-js test test-fast lint run-cluster bench clean
+.PHONY: help install system-deps browser-deps proxy-deps client-js test test-fast lint run-cluster bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -43,13 +43,16 @@ system-deps: ## redis-server from the system's packages when it is missing
 browser-deps: ## headless Chromium and its driver for the browser test
 	@scripts/install-system-deps browser
 
+proxy-deps: ## nginx, for the reverse-proxy test (tests/test_proxy.py)
+	@scripts/install-system-deps nginx
+
 client-js: $(STAMP) ## the Socket.IO browser client, fetched from the npm registry
 	@scripts/fetch-socketio-client siocluster/static
 
-test: install browser-deps ## run every test (unit, integration, browser)
+test: install browser-deps proxy-deps ## run every test (unit, integration, browser)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install ## every test but the browser ones
+test-fast: install proxy-deps ## every test but the browser ones
 	$(PY) -m pytest -m "not browser" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff over the code
