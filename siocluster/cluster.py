@@ -126,7 +126,7 @@ class ClusterRunner:
         self.say(f"ready: open http://{host}:{o.frontend_port}/ in a browser "
                  f"(io-nodes on {', '.join(str(p) for p in o.io_ports)}, {o.app_nodes} app-nodes, "
                  f"policy server on {o.policy_port}); Ctrl-C stops the cluster")
-        for name, port in [*((f"io-{p}", p) for p in o.io_ports),
+        for name, port in [("frontend", o.frontend_port), *((f"io-{p}", p) for p in o.io_ports),
                            *((f"app-{n}", p) for n, p in enumerate(self.app_ports, 1))]:
             self.say(f"metrics of {name}: http://{host}:{port}/metrics (and /healthz, /readyz)")
 

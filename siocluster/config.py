@@ -26,7 +26,7 @@ from urllib.parse import quote
 from . import defaults
 from .connection import make_redis, parse_redis_url
 from .errors import ConfigError
-from .ioservers import IoServer, parse_io_servers
+from .ioservers import IoServer, parse_io_servers, public_url
 from .net import port_number
 
 ENV_PREFIX = "SIOCLUSTER_"
@@ -67,10 +67,15 @@ class Config:
                                     "URL of the io-node list for browsers",
                                     seed="CLIENT_CONFIG_URL")
     io_servers: List[IoServer] = _field(None,
-                                        "io-nodes browsers may use: host:port,...",
+                                        "io-nodes browsers may use: host:port, "
+                                        "internal|external:port, or a public URL per "
+                                        "io-node (behind a proxy), comma-separated",
                                         seed="IO_SERVERS")
     public_host: Optional[str] = _field(None, "host browsers use to reach this io-node "
                                               "(default: its listening host)")
+    public_url: Optional[str] = _field(None, "io-node: the URL browsers reach it by through "
+                                             "a proxy (wss://host/io/1/socket.io/), which "
+                                             "the frontend's live list gives them")
     node_id: Optional[str] = _field(None, "this node's id (default: host-pid-random)")
     log_level: str = _field(defaults.LOG_LEVEL, "log level: DEBUG, INFO, WARNING, ERROR")
     log_format: str = _field(defaults.LOG_FORMAT, "log lines: text, or json (one event a "
@@ -248,6 +253,8 @@ class Config:
             raise ConfigError("REDIS_OPTIONS: must be a mapping of redis-py client options")
         if self.redis_url:
             parse_redis_url(self.redis_url)
+        if self.public_url:
+            self.public_url = public_url(self.public_url, "PUBLIC_URL")[0]
         if not self.prefix or any(c.isspace() for c in self.prefix):
             raise ConfigError(f"PREFIX: {self.prefix!r} must be a non-empty word")
         positive = ("workers", "pop_timeout", "max_attempts", "call_timeout", "connect_timeout",

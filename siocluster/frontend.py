@@ -23,7 +23,9 @@ It serves, under the blueprint's ``url_prefix``:
   host name) also with ``"path"``: its ``url`` is then the origin, port included;
 - the same data as JSON at the same path ending in ``.json`` (``/config.json``);
 - ``/socket.io.min.js``: the Socket.IO browser client from the local copy that
-  ``make client-js`` fetches, or a redirect to the same version on the public CDN.
+  ``make client-js`` fetches, or a redirect to the same version on the public CDN;
+- with ``health=True`` (`make_frontend_server`'s default, not the blueprint's, whose site
+  may have its own): ``/metrics``, ``/healthz`` and ``/readyz`` (`siocluster.observe`).
 
 The io-nodes listed are ``IO_SERVERS`` when the configuration has them (in their order),
 otherwise the io-nodes alive right now in the Redis heartbeat registry (sorted by host and
@@ -41,7 +43,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .config import Config, ConfigLike, as_config
+from . import observe
+from .config import Config, ConfigLike, IoServer, as_config
 from .net import is_wildcard
 from .state import ClusterState, Keys
 
@@ -71,9 +74,15 @@ class Frontend:
     :param static_dir: where the local ``socket.io.min.js`` is (default: the package's).
     """
 
+    role = "frontend-node"
+
     def __init__(self, config: Config, static_dir: Optional[str] = None):
         self.config = config
         self.static_dir = static_dir or STATIC_DIR
+        self.id = config.make_node_id(self.role)
+        self.served = {"listed": 0, "unavailable": 0}     # io-node lists given, and refused
+        self.listed = 0                                    # io-nodes in the last list
+        self.observer = observe.Observer(self)
         self.state = None
         if not config.io_servers:
             redis = config.redis_client(**{**REDIS_OPTIONS, **config.redis_options})
@@ -94,9 +103,12 @@ class Frontend:
         else:
             live = self.state.nodes(role="io-node").values()
             # a node registers before it listens; until then it has no port to offer
+            proxied = sorted({i["url"] for i in live if i.get("port") and i.get("url")})
             servers = sorted({(i.get("external") or "", i["port"], bool(i.get("tls")))
-                              for i in live if i.get("port")})
+                              for i in live if i.get("port") and not i.get("url")})
             servers = [{"host": host, "port": port, "tls": tls} for host, port, tls in servers]
+            # behind a proxy (PUBLIC_URL): as IO_SERVERS gives a URL, so does the live list
+            servers += [IoServer.parse({"url": url}).public() for url in proxied]
         for server in servers:
             if "path" in server:        # a public URL (behind a proxy): given whole
                 continue
@@ -117,11 +129,40 @@ class Frontend:
                 logger.warning("frontend-node cannot list the io-nodes: Redis at %s: %s",
                                self.config.effective_redis_url.split("@")[-1], exc)
             self._redis_down = True
+            self.served["unavailable"] += 1
             return None
         if self._redis_down:
             logger.warning("frontend-node: Redis is reachable again")
             self._redis_down = False
+        self.served["listed"] += 1
+        self.listed = len(servers)
         return {"ioServers": servers, "clientVersion": CLIENT_VERSION}
+
+    # ---- what operators see ---------------------------------------------------------------
+
+    def metrics(self):
+        import siocluster
+
+        yield observe.gauge("siocluster_node_info", "this node: version, kind, id", 1,
+                            version=siocluster.__version__, kind=self.role, id=self.id)
+        yield observe.gauge("siocluster_redis_up", "1 while this node reaches Redis",
+                            0 if self._redis_down else 1)
+        yield observe.counters("siocluster_io_node_lists_total", "io-node lists asked for: "
+                               "given, or unavailable (Redis away)", "answer", self.served)
+        yield observe.gauge("siocluster_io_nodes_listed", "io-nodes in the last list given",
+                            self.listed)
+
+    def readiness(self) -> dict:
+        if self.state is None:
+            return {"redis": (True, "not needed: IO_SERVERS lists the io-nodes")}
+        try:
+            self.state.redis.ping()
+            return {"redis": (True, "reachable")}
+        except (RedisError, OSError) as exc:
+            return {"redis": (False, f"unreachable: {exc.__class__.__name__}")}
+
+    def observed(self):
+        return Response.from_app(self.observer.serve, request.environ)
 
     # ---- views -----------------------------------------------------------------------------
 
@@ -153,17 +194,21 @@ class Frontend:
         # no local copy (npm was missing at install): the same version from the public CDN
         return redirect(CLIENT_CDN_URL, 302)
 
-    def add_routes(self, state) -> None:
+    def add_routes(self, state, health: bool = False) -> None:
         """Add the views to a blueprint being registered (``state`` is Flask's setup state)."""
         js_url = self.config.client_config_url
         json_url = os.path.splitext(js_url)[0] + ".json"
         state.add_url_rule(js_url, "config_js", self.config_js)
         state.add_url_rule(json_url, "config_json", self.config_json)
         state.add_url_rule("/" + CLIENT_SCRIPT, "client_js", self.client_js)
+        if health:
+            for path in observe.PATHS:
+                state.add_url_rule(path, path.strip("/"), self.observed)
 
 
 def make_blueprint(config: ConfigLike = None, name: str = "siocluster",
-                   url_prefix: Optional[str] = None, static_dir: Optional[str] = None) -> Blueprint:
+                   url_prefix: Optional[str] = None, static_dir: Optional[str] = None,
+                   health: bool = False) -> Blueprint:
     """A Flask blueprint serving ``/config.js``, ``/config.json`` and ``/socket.io.min.js``.
 
     :param config: a `Config` or a mapping of its keys (the seed's config dict); None reads
@@ -172,6 +217,7 @@ def make_blueprint(config: ConfigLike = None, name: str = "siocluster",
         ``.client_js``, for ``url_for``).
     :param url_prefix: where the blueprint's URLs live on the site.
     :param static_dir: the folder holding the local ``socket.io.min.js``.
+    :param health: serve ``/metrics``, ``/healthz`` and ``/readyz`` too.
     """
     given = None if config is None else as_config(config)   # a bad config fails here, now
     blueprint = Blueprint(name, __name__, url_prefix=url_prefix)
@@ -179,14 +225,15 @@ def make_blueprint(config: ConfigLike = None, name: str = "siocluster",
     @blueprint.record
     def register(state):
         config = given if given is not None else Config.from_flask(state.app.config)
-        Frontend(config, static_dir).add_routes(state)
+        Frontend(config, static_dir).add_routes(state, health)
 
     return blueprint
 
 
 def make_frontend_server(flask_app: Flask, config: ConfigLike = None, **options) -> Flask:
     """Register the frontend-node on an existing Flask app and return the app (the seed's
-    ``makeFrontendServer``); ``options`` go to `make_blueprint`."""
+    ``makeFrontendServer``); ``options`` go to `make_blueprint` (``health`` is on here)."""
+    options.setdefault("health", True)
     flask_app.register_blueprint(make_blueprint(config, **options))
     return flask_app
 

@@ -195,6 +195,8 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
         host, port = (self.address or (self.config.http_host, self.config.http_port))[:2]
         info.update(internal=host, port=port, external=self.config.public_host or host)
         info["tls"] = bool(self.config.certfile)      # clients must use https and wss
+        if self.config.public_url:
+            info["url"] = self.config.public_url      # behind a proxy: browsers use this
         info["clients"] = len(self.clients)
         info["polling_clients"] = sum(1 for sock in list(self.sio.eio.sockets.values())
                                       if not getattr(sock, "upgraded", True))

@@ -179,6 +179,20 @@ def test_an_io_node_serving_tls_is_listed_as_https(cluster, config):
         "http://chat.example.com:8081", "https://chat.example.com:8443"]
 
 
+def test_the_live_list_gives_the_public_url_an_io_node_registered(cluster, config):
+    """PUBLIC_URL: io-nodes behind a proxy, listed live (no IO_SERVERS to keep in step)."""
+    io = cluster.io_node(public_url="wss://chat.example.com/io/1/socket.io/")
+    plain = cluster.io_node()
+    client = flask_app(config).test_client()
+    wait_until(lambda: len(client.get("/config.json").get_json()["ioServers"]) == 2)
+    servers = client.get("/config.json", base_url="http://chat.example.com/").get_json()
+    proxied = [s for s in servers["ioServers"] if "path" in s]
+    assert proxied == [{"host": "chat.example.com", "port": 443,
+                        "url": "https://chat.example.com:443", "path": "/io/1/socket.io/"}]
+    assert [s["port"] for s in servers["ioServers"] if "path" not in s] == [plain.address[1]]
+    assert str(io.address[1]) not in json.dumps(proxied)          # internal never shown
+
+
 def test_io_nodes_behind_a_proxy_are_listed_by_their_public_urls_and_paths():
     client = flask_app(Config(io_servers=[
         {"internal": "10.1.2.3:8081", "url": "wss://chat.example.com/io/1/socket.io/"},

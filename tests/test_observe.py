@@ -141,3 +141,31 @@ def test_metrics_paths_answer_get_only_and_other_paths_go_to_socketio(cluster):
     assert requests.post(base + "/metrics", timeout=5).status_code == 405
     # the Socket.IO path is untouched
     assert requests.get(base + "/socket.io/?EIO=4&transport=polling", timeout=5).status_code == 200
+
+
+def test_the_frontend_node_serves_metrics_and_health(config):
+    from flask import Flask
+
+    from siocluster import make_blueprint, make_frontend_server
+
+    site = make_frontend_server(Flask("frontend"), config).test_client()
+    assert site.get("/config.json").status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(site.get("/metrics").get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert value(samples, "siocluster_io_node_lists_total", answer="listed") == 1
+    assert value(samples, "siocluster_redis_up") == 1
+    assert site.get("/healthz").get_json()["ok"] is True
+    assert site.get("/readyz").get_json()["ready"] is True
+
+    # Redis away: not ready, says why
+    down = config.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    away = make_frontend_server(Flask("away"), down).test_client()
+    answer = away.get("/readyz")
+    assert answer.status_code == 503 and answer.get_json()["checks"]["redis"]["ok"] is False
+
+    # a blueprint in someone's site adds no such paths unless asked
+    plain = Flask("site")
+    plain.register_blueprint(make_blueprint(config))
+    assert plain.test_client().get("/metrics").status_code == 404

@@ -131,7 +131,7 @@ def test_runner_starts_a_working_cluster_and_leaves_nothing_behind():
         # each io-node and app-node says where its metrics are, and serves them there
         urls = re.findall(r"metrics of (\S+): (http://\S+/metrics)", runner.output)
         assert sorted(name for name, _ in urls) == sorted(
-            [f"io-{io_a}", f"io-{io_b}", "app-1", "app-2"]), runner.output
+            ["frontend", f"io-{io_a}", f"io-{io_b}", "app-1", "app-2"]), runner.output
         for _, url in urls:
             metrics = requests.get(url, timeout=5)
             assert metrics.status_code == 200 and "siocluster_node_info" in metrics.text

@@ -1,7 +1,3 @@
-// The chat page. It connects to a random io-node of window.SIOCLUSTER (from /config.js) and,
-// when that io-node goes away, to another one by itself: it asks /config.json for the io-nodes
-// alive now, avoids the ones that just failed, and joins the room it was in again.
-// `?io=8082` (a port or a URL) prefers one io-node, for trying the failover by hand.
 // The chat page. It keeps one Socket.IO socket for its whole life, first connected to an io-node
 // of window.SIOCLUSTER (from /config.js). When the connection drops, socket.io's own
 // reconnection tries again, and right before each attempt the page points it at an io-node of
