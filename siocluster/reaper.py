@@ -28,16 +28,15 @@ have heartbeated yet: no pass runs until every live node had time to (`grace`)::
     reaper.step()        # one pass if it is this node's turn; returns what it cleaned
 """
 
-import json
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from redis.exceptions import ResponseError
 
 from . import defaults
 from .envelope import Envelope
-from .state import chunks
+from .state import chunks, parse_record
 
 DIED_REASON = "io-node died"
 
@@ -136,7 +135,7 @@ class Reaper:
             pipe = self.redis.pipeline(transaction=False)
             stale = []
             for sid, raw in zip(batch, records):
-                record = _record(raw)
+                record = parse_record(raw)
                 if record is None:
                     # no record: its client left already, only the set entry lingered
                     stale.append(sid)
@@ -172,15 +171,3 @@ class Reaper:
             pushed += sum(1 for result in pipe.execute()[::2] if result == 1)
             if len(due) < 500:
                 return pushed
-
-
-def _record(raw: Optional[str]) -> Optional[dict]:
-    if not raw:
-        return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-

@@ -24,13 +24,12 @@ that connection may park it, and a disconnect of an older one is not the client 
 """
 
 import hmac
-import json
 import secrets
 import time
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 from .envelope import MessageError, decode_batch, dumps
-from .state import Keys
+from .state import Keys, parse_record
 
 # What ends a connection without the client meaning to leave: python-socketio's reasons.
 RECOVERABLE = frozenset({"transport close", "transport error", "ping timeout"})
@@ -160,13 +159,8 @@ class Recovery:
             return None
         sid = pid.partition(".")[0]
         raw = self.redis.hget(self.keys.clients, sid)
-        if not raw:
-            return None
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(record, dict) or not isinstance(record.get("pid"), str) \
+        record = parse_record(raw)
+        if record is None or not isinstance(record.get("pid"), str) \
                 or not hmac.compare_digest(record["pid"], pid):
             return None
         return Returning(sid, raw, record)

@@ -301,6 +301,18 @@ class ClusterState:
                                      k.node_clients(node), k.node_commands(node)], args=[node]))
 
 
+def parse_record(raw: Optional[str]) -> Optional[dict]:
+    """A client record as stored, parsed; None when there is none or it is not a JSON
+    object (written by something else)."""
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def chunks(items: Iterable, size: int):
     batch = []
     for item in items:
