@@ -96,6 +96,12 @@ def drop_transport(client):
     sock.close()
 
 
+def come_back(client, io_node):
+    """Connect the same client object again (its pid and offset go with it), to ``io_node``."""
+    client.sio.connect(f"http://127.0.0.1:{io_node.address[1]}", transports=["websocket"],
+                       wait_timeout=5)
+
+
 def wait_recovered(client, sid, timeout=10):
     wait_until(lambda: client.sio.connected and client.sio.get_sid("/") == sid
                and client.sio.recovered.get("/") is True, timeout=timeout,
@@ -180,8 +186,7 @@ def test_a_client_of_a_killed_io_node_moves_to_another_with_nothing_lost(cluster
     wait_until(lambda: not listener.sio.connected, timeout=10)
     gevent.sleep(0.3)                       # some messages go by while it is away
     # the client (its page, say) moves to the other io-node, with its pid and offset
-    listener.sio.connect(f"http://127.0.0.1:{io2.address[1]}", transports=["websocket"],
-                         wait_timeout=5)
+    come_back(listener, io2)
     wait_recovered(listener, sid)
     target = talk.sent + 20
     wait_until(lambda: len(numbers(listener)) >= target, timeout=10)
@@ -248,8 +253,7 @@ def test_a_client_away_longer_than_the_window_comes_back_new_and_its_disconnect_
     wait_until(lambda: [s for s, _ in seen["disconnects"]] == [sid], timeout=20,
                message=f"no disconnect for {sid}: {seen['disconnects']}")
     wait_until(lambda: not listener.sio.connected, timeout=5)
-    listener.sio.connect(f"http://127.0.0.1:{io1.address[1]}", transports=["websocket"],
-                         wait_timeout=5)
+    come_back(listener, io1)
     assert listener.sid != sid and listener.sio.recovered["/"] is False
     assert listener.call("recall") == []
     assert [s for s, _ in seen["disconnects"]] == [sid]          # once
@@ -273,8 +277,7 @@ def test_a_client_that_missed_too_much_comes_back_new_and_the_app_hears_its_disc
     wait_until(lambda: io1.redis.zscore(io1.keys.parked, sid) is not None, timeout=5)
     for n in range(10):
         assert sender.call("say", "r", n) == [n]
-    listener.sio.connect(f"http://127.0.0.1:{io1.address[1]}", transports=["websocket"],
-                         wait_timeout=5)
+    come_back(listener, io1)
     assert listener.sid != sid and listener.sio.recovered["/"] is False
     wait_until(lambda: [s for s, _ in seen["disconnects"]] == [sid], timeout=20,
                message=f"no disconnect for {sid}: {seen['disconnects']}")
@@ -306,8 +309,7 @@ def test_the_app_disconnecting_a_parked_client_ends_its_window(cluster):
     wait_until(lambda: io1.redis.zscore(io1.keys.parked, sid) is not None, timeout=5)
     kicker.call("kick", sid)
     wait_until(lambda: [s for s, _ in seen["disconnects"]] == [sid], timeout=20)
-    away.sio.connect(f"http://127.0.0.1:{io1.address[1]}", transports=["websocket"],
-                     wait_timeout=5)
+    come_back(away, io1)
     assert away.sid != sid and away.sio.recovered["/"] is False
 
 
@@ -338,8 +340,7 @@ def test_a_recovered_client_carries_on_where_it_left_its_events(cluster):
     assert client.call("remember", 1) == [1]
     drop_transport(client)
     wait_until(lambda: not client.sio.connected, timeout=5)
-    client.sio.connect(f"http://127.0.0.1:{io2.address[1]}", transports=["websocket"],
-                       wait_timeout=5)
+    come_back(client, io2)
     wait_recovered(client, sid)
     assert client.call("recall") == [1]
     assert client.call("remember", 2) == [2] and client.call("recall") == [2]
