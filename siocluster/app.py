@@ -15,6 +15,7 @@ which message is being handled; what the handler emits is sent in order when it 
 import contextlib
 import functools
 import importlib
+import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
@@ -31,9 +32,18 @@ from .envelope import (
     disconnect_command,
     emit_command,
 )
+from .tasks import ClusterTask, check_mode, start_cluster_task
+from .tasks import task_name as task_name_of
 
 __all__ = ["App", "CallTimeout", "current", "load_app", "HANDLER_FAILED",
            "UNHANDLED_NAMESPACE"]
+
+NOT_AN_IO_NODE = (
+    "siocluster: this process runs a siocluster.App, which holds no Socket.IO connections: "
+    "io-nodes do. `socketio.WSGIApp(sio, app)` cannot serve /socket.io/ here. Run io-nodes "
+    "(`python -m siocluster.ionode --port 8081`, or `python -m siocluster.pages module:app "
+    "--port 8081` to serve this WSGI app's pages beside Socket.IO) and app-nodes "
+    "(`python -m siocluster.appnode module:sio`); see docs/porting.md.")
 
 
 class App(Dispatch):
@@ -46,13 +56,22 @@ class App(Dispatch):
 
     Everything else (`emit`, `enter_room`, `get_session`, ...) works once an `AppNode`
     runs the app, or has been made for it to send from another process.
+
+    ``background_tasks``: ``"node"`` (the default) runs each `start_background_task` in the
+    process that calls it, as python-socketio does (so once per app-node); ``"cluster"``
+    runs each once per cluster (`start_cluster_task`).
     """
 
-    def __init__(self, async_handlers: bool = False):
+    #: handlers and tasks run in greenlets, as with python-socketio's ``async_mode="gevent"``
+    async_mode = "gevent"
+
+    def __init__(self, async_handlers: bool = False, background_tasks: str = "node"):
         #: False (the default): a client's messages are handled one at a time, in the order
         #: they arrived, across all app-nodes. True: the messages of a client taken together
         #: run side by side, as python-socketio's ``async_handlers`` runs each in a task.
         self.async_handlers = async_handlers
+        self.background_tasks = check_mode(background_tasks)
+        self.pending_tasks: List[ClusterTask] = []   # cluster tasks started before a node
         self.handlers: Dict[str, Dict[str, Callable]] = {}
         self.namespace_handlers: Dict[str, Namespace] = {}
         # the app-node this App sends through outside handlers; inside one, the app-node
@@ -134,8 +153,35 @@ class App(Dispatch):
         self.namespace_handlers[namespace_handler.namespace] = namespace_handler
 
     def start_background_task(self, target: Callable, *args, **kwargs):
-        """Run ``target(*args, **kwargs)`` in a greenlet; returns it (python-socketio's API)."""
+        """Run ``target(*args, **kwargs)`` in a greenlet of this process and return it
+        (python-socketio's API): on a cluster that is once per app-node that calls it.
+        With ``background_tasks="cluster"`` it is `start_cluster_task` instead."""
+        if self.background_tasks == "cluster":
+            return self.start_cluster_task(target, *args, **kwargs)
         return gevent.spawn(target, *args, **kwargs)
+
+    def start_cluster_task(self, target: Callable, *args, task_name: Optional[str] = None,
+                           **kwargs) -> ClusterTask:
+        """Run ``target(*args, **kwargs)`` once per cluster: on the app-node that holds its
+        lease in Redis, the others that started it standing by to take over within
+        ``NODE_TTL + HEARTBEAT_INTERVAL`` if that one dies (see `siocluster.tasks`). Its
+        name (``task_name``, by default the target's module and qualified name) is what
+        makes two starts the same task. Before an app-node runs this App, the task waits
+        for one to start. Returns a `ClusterTask` (``join()``, ``kill()``, ``running``)."""
+        task = ClusterTask(task_name or task_name_of(target), target, args, kwargs)
+        context = current()
+        node = context.node if context is not None and context.node.app is self else self.node
+        if node is None:
+            self.pending_tasks.append(task)
+            return task
+        return start_cluster_task(node, task)
+
+    def handle_request(self, environ, start_response):
+        """What ``socketio.WSGIApp(app)`` calls for ``/socket.io/``: an App holds no
+        connections (io-nodes do), so it answers with what to run instead."""
+        logging.getLogger("siocluster.app").error(NOT_AN_IO_NODE)
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+        return [NOT_AN_IO_NODE.encode()]
 
     def sleep(self, seconds: float = 0) -> None:
         """Sleep cooperatively; in a handler, what it emitted so far is sent first (a long
@@ -161,8 +207,10 @@ class App(Dispatch):
             return context.node
         if self.node is None:
             raise RuntimeError("this App is not attached to an app-node: run it with "
-                               "`python -m siocluster.appnode module:app`, or make "
-                               "`AppNode(app, config)` first")
+                               "`python -m siocluster.appnode module:app`; to send from "
+                               "another process (a Flask route, a script) make "
+                               "`siocluster.AppNode(app, config)` there first, without "
+                               "starting it (`python -m siocluster.pages` does so)")
         return self.node
 
     def emit(self, event: str, data: Any = None, to=None, room=None, skip_sid=None,
@@ -346,14 +394,46 @@ class App(Dispatch):
 
 
 def load_app(path: str) -> App:
-    """Import ``package.module:attr`` (``attr`` defaults to ``app``)."""
+    """Import ``package.module:attr`` (``attr`` defaults to ``app``): a `siocluster.App`, a
+    `siocluster.flask_socketio.SocketIO`, or a Flask app one was made for."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SystemExit(f"app-node: cannot import {module_name!r}: {exc}")
-    app = getattr(module, attr or "app", None)
-    if not isinstance(app, App):
-        raise SystemExit(f"app-node: {path!r} is not a siocluster.App "
-                         f"(found {type(app).__name__})")
+    found = getattr(module, attr or "app", None)
+    app = as_app(found)
+    if app is None:
+        raise SystemExit(f"app-node: {path!r} is not a siocluster.App (found "
+                         f"{type(found).__name__}){wrong_server(found)}")
     return app
+
+
+def as_app(value) -> Optional[App]:
+    """The `App` of ``value``: itself, what a port of another API wraps (its
+    ``siocluster_app``, as `siocluster.flask_socketio.SocketIO` has), or that of the
+    ``SocketIO`` a Flask app was given (``app.extensions["socketio"]``)."""
+    if isinstance(value, App):
+        return value
+    wrapped = getattr(value, "siocluster_app", None)
+    if isinstance(wrapped, App):
+        return wrapped
+    extensions = getattr(value, "extensions", None)
+    if isinstance(extensions, dict) and "socketio" in extensions:
+        return as_app(extensions["socketio"])
+    return None
+
+
+def wrong_server(value) -> str:
+    """What to change when ``value`` is another library's server, not siocluster's."""
+    extensions = getattr(value, "extensions", None)
+    if isinstance(extensions, dict) and "socketio" in extensions:
+        value = extensions["socketio"]      # a Flask app: the SocketIO it was given
+    module = type(value).__module__ or ""
+    if module.startswith("flask_socketio"):
+        return (": it is Flask-SocketIO's SocketIO; import it from siocluster.flask_socketio "
+                "instead of flask_socketio (docs/porting.md)")
+    if module.startswith("socketio"):
+        return (": it is a python-socketio server; make it with `siocluster.App()` instead of "
+                "`socketio.Server(...)` (docs/porting.md)")
+    return ""

@@ -28,7 +28,7 @@ import gevent.event
 import gevent.local
 import gevent.lock
 
-from .app import App, load_app
+from .app import App, as_app, load_app, wrong_server
 from .commands import Commands, HandlerContext, current, enter
 from .envelope import Envelope
 from .finisher import Finisher
@@ -36,6 +36,7 @@ from .inbox import Inbox, Taken
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .reaper import Reaper
 from .streams import CommandStreams
+from .tasks import check_mode, start_cluster_task
 from .telemetry import AppTelemetry
 from .turn import Batch, Finish, Turn
 
@@ -50,9 +51,11 @@ PER_CLIENT = 16
 class AppNode(Finisher, AppTelemetry, Node):
     """Runs an `App` on the inbox.
 
-    :param app: the `App` (or ``"module:attr"`` naming it).
+    :param app: the `App` (or ``"module:attr"`` naming it; or a
+        `siocluster.flask_socketio.SocketIO`, or the Flask app it was made for).
     :param config: a `Config` or a mapping of its keys; ``workers`` greenlets at once.
     :param redis: a redis-py client to use instead of one built from the config.
+    :param background_tasks: ``"node"`` or ``"cluster"``: sets the app's (`App`).
 
     ::
 
@@ -63,11 +66,18 @@ class AppNode(Finisher, AppTelemetry, Node):
 
     role = "app-node"
 
-    def __init__(self, app, config=None, redis=None):
+    def __init__(self, app, config=None, redis=None, background_tasks: Optional[str] = None):
+        found = load_app(app) if isinstance(app, str) else as_app(app)
+        if found is None:
+            raise TypeError(f"AppNode() takes a siocluster.App, not {type(app).__name__}"
+                            f"{wrong_server(app)}")
         super().__init__(config, redis)
         c = self.config
-        self.app: App = load_app(app) if isinstance(app, str) else app
+        self.app: App = found
         self.app.node = self
+        if background_tasks is not None:
+            self.app.background_tasks = check_mode(background_tasks)
+        self.tasks = {}             # name -> the `ClusterTask` this node campaigns for
         self.processing = self.keys.processing(self.id)
         self.inbox = Inbox(self.redis, self.keys, c)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
@@ -93,6 +103,9 @@ class AppNode(Finisher, AppTelemetry, Node):
         self.check_redis()
         self.inbox.load_scripts()
         super().start()
+        pending, self.app.pending_tasks = self.app.pending_tasks, []
+        for task in pending:        # cluster tasks started before any app-node ran the app
+            start_cluster_task(self, task)
         for n in range(self.config.workers):
             self.spawn_loop(self._work_step, f"worker-{n}")
         self.spawn_loop(self._reap_step, "reaper")
@@ -109,6 +122,8 @@ class AppNode(Finisher, AppTelemetry, Node):
             self.logger.info("app-node %s: finishing %d client turn(s) in flight", self.id,
                              self._busy)
         self.join(timeout)
+        for task in list(self.tasks.values()):
+            task.join(1.0)          # each gives its lease up: a standby takes it at once
         try:
             self._give_back_ready()
             # what is left in our processing list: its handler was killed
@@ -374,10 +389,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
                                      description="Run an app-node: the app's handlers on the "
                                                  "cluster's inbox.")
-    parser.add_argument("app", help="the App to run, as package.module:attr")
+    parser.add_argument("app", help="the App to run, as package.module:attr (an App, a "
+                                    "siocluster.flask_socketio.SocketIO, or its Flask app)")
+    parser.add_argument("--background-tasks", choices=("node", "cluster"), default=None,
+                        help="what start_background_task does: run the task in each app-node "
+                             "that calls it (node, python-socketio's way and the default), or "
+                             "once per cluster, handed over if its app-node dies (cluster)")
     config, args = Config.load(argv, parser=parser)
     logs.setup(config, "app-node")
-    node = AppNode(args.app, config)
+    node = AppNode(args.app, config, background_tasks=args.background_tasks)
     logs.identify(node.id)
     try:
         node.start()
