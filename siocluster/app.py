@@ -426,14 +426,17 @@ def as_app(value) -> Optional[App]:
 
 def wrong_server(value) -> str:
     """What to change when ``value`` is another library's server, not siocluster's."""
-    extensions = getattr(value, "extensions", None)
+    try:
+        extensions = getattr(value, "extensions", None)
+    except RuntimeError:
+        return ""           # a proxy such as flask.request, outside a request
     if isinstance(extensions, dict) and "socketio" in extensions:
         value = extensions["socketio"]      # a Flask app: the SocketIO it was given
-    module = type(value).__module__ or ""
-    if module.startswith("flask_socketio"):
+    module, name = type(value).__module__ or "", type(value).__name__
+    if module.startswith("flask_socketio") and name == "SocketIO":
         return (": it is Flask-SocketIO's SocketIO; import it from siocluster.flask_socketio "
                 "instead of flask_socketio (docs/porting.md)")
-    if module.startswith("socketio"):
+    if module.startswith("socketio") and name in ("Server", "AsyncServer"):
         return (": it is a python-socketio server; make it with `siocluster.App()` instead of "
                 "`socketio.Server(...)` (docs/porting.md)")
     return ""

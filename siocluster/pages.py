@@ -21,7 +21,7 @@ import importlib
 from types import ModuleType
 from typing import List, Optional
 
-from .app import App, as_app
+from .app import App, as_app, wrong_server
 from .appnode import AppNode
 from .seed import IoListener
 from .tasks import check_mode
@@ -50,6 +50,9 @@ def pages_node(wsgi_app, config=None, module: Optional[ModuleType] = None,
     if as_app(wsgi_app) is not None and not callable(getattr(wsgi_app, "wsgi_app", None)):
         raise TypeError("give the WSGI app (the Flask app) whose pages to serve, not the "
                         "siocluster App: app-nodes run that (python -m siocluster.appnode)")
+    for name, value in vars(module or ModuleType("none")).items():
+        if not isinstance(value, ModuleType) and wrong_server(value):
+            raise TypeError(f"{name}{wrong_server(value)}: its routes would emit to nobody")
     node = IoListener(config, wsgi_app=wsgi_app)
     for app in apps_of(module or ModuleType("none"), wsgi_app):
         if background_tasks is not None:
