@@ -14,7 +14,6 @@ which message is being handled; what the handler emits is sent in order when it 
 
 import contextlib
 import functools
-import importlib
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -35,8 +34,7 @@ from .envelope import (
 from .tasks import ClusterTask, check_mode, start_cluster_task
 from .tasks import task_name as task_name_of
 
-__all__ = ["App", "CallTimeout", "current", "load_app", "HANDLER_FAILED",
-           "UNHANDLED_NAMESPACE"]
+__all__ = ["App", "CallTimeout", "current", "HANDLER_FAILED", "UNHANDLED_NAMESPACE"]
 
 NOT_AN_IO_NODE = (
     "siocluster: this process runs a siocluster.App, which holds no Socket.IO connections: "
@@ -391,52 +389,3 @@ class App(Dispatch):
 
     def room_clients(self, room: str, namespace: Optional[str] = None) -> List[dict]:
         return self._node().state.room_clients(namespace or "/", room)
-
-
-def load_app(path: str) -> App:
-    """Import ``package.module:attr`` (``attr`` defaults to ``app``): a `siocluster.App`, a
-    `siocluster.flask_socketio.SocketIO`, or a Flask app one was made for."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SystemExit(f"app-node: cannot import {module_name!r}: {exc}")
-    found = getattr(module, attr or "app", None)
-    app = as_app(found)
-    if app is None:
-        raise SystemExit(f"app-node: {path!r} is not a siocluster.App (found "
-                         f"{type(found).__name__}){wrong_server(found)}")
-    return app
-
-
-def as_app(value) -> Optional[App]:
-    """The `App` of ``value``: itself, what a port of another API wraps (its
-    ``siocluster_app``, as `siocluster.flask_socketio.SocketIO` has), or that of the
-    ``SocketIO`` a Flask app was given (``app.extensions["socketio"]``)."""
-    if isinstance(value, App):
-        return value
-    wrapped = getattr(value, "siocluster_app", None)
-    if isinstance(wrapped, App):
-        return wrapped
-    extensions = getattr(value, "extensions", None)
-    if isinstance(extensions, dict) and "socketio" in extensions:
-        return as_app(extensions["socketio"])
-    return None
-
-
-def wrong_server(value) -> str:
-    """What to change when ``value`` is another library's server, not siocluster's."""
-    try:
-        extensions = getattr(value, "extensions", None)
-    except RuntimeError:
-        return ""           # a proxy such as flask.request, outside a request
-    if isinstance(extensions, dict) and "socketio" in extensions:
-        value = extensions["socketio"]      # a Flask app: the SocketIO it was given
-    module, name = type(value).__module__ or "", type(value).__name__
-    if module.startswith("flask_socketio") and name == "SocketIO":
-        return (": it is Flask-SocketIO's SocketIO; import it from siocluster.flask_socketio "
-                "instead of flask_socketio (docs/porting.md)")
-    if module.startswith("socketio") and name in ("Server", "AsyncServer"):
-        return (": it is a python-socketio server; make it with `siocluster.App()` instead of "
-                "`socketio.Server(...)` (docs/porting.md)")
-    return ""

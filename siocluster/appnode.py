@@ -28,11 +28,12 @@ import gevent.event
 import gevent.local
 import gevent.lock
 
-from .app import App, as_app, load_app, wrong_server
+from .app import App
 from .commands import Commands, HandlerContext, current, enter
 from .envelope import Envelope
 from .finisher import Finisher
 from .inbox import Inbox, Taken
+from .loader import as_app, load_app, wrong_server
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .reaper import Reaper
 from .streams import CommandStreams

@@ -100,7 +100,7 @@ class SocketIO:
 
     @property
     def siocluster_app(self) -> App:
-        """The `App` app-nodes run (`siocluster.app.load_app` finds it here)."""
+        """The `App` app-nodes run (`siocluster.loader.load_app` finds it here)."""
         return self.server
 
     def init_app(self, app, **kwargs):

@@ -21,8 +21,9 @@ import importlib
 from types import ModuleType
 from typing import List, Optional
 
-from .app import App, as_app, wrong_server
+from .app import App
 from .appnode import AppNode
+from .loader import as_app, shadowed, wrong_server
 from .seed import IoListener
 from .tasks import check_mode
 
@@ -84,7 +85,11 @@ def main(argv=None) -> None:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"pages: cannot import {module_name!r}: {exc}")
+        raise SystemExit(f"pages: cannot import {module_name!r}: {exc}{shadowed()}")
+    except AttributeError as exc:
+        if not shadowed():
+            raise
+        raise SystemExit(f"pages: cannot import {module_name!r}: {exc}{shadowed()}")
     wsgi_app = getattr(module, attr or "app", None)
     if not callable(wsgi_app):
         raise SystemExit(f"pages: {args.app!r} is not a WSGI app (found "

@@ -417,3 +417,18 @@ def test_python_m_siocluster_pages_serves_the_pages_beside_socket_io(node_env, t
         assert handshake.status_code == 200 and handshake.text.startswith("0{")
     finally:
         stop_processes({"pages": proc})
+
+
+def test_a_siocluster_folder_that_hides_the_package_is_named_where_it_fails(tmp_path):
+    (tmp_path / "siocluster").mkdir()           # a checkout's top directory, say
+    (tmp_path / "chat.py").write_text("import siocluster\n\napp = siocluster.App()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import siocluster; print(siocluster.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    if probe.returncode == 0 and probe.stdout.strip() != "None":
+        pytest.skip("this install is not hidden by a folder (only editable installs are)")
+    done = subprocess.run([sys.executable, "-m", "siocluster.appnode", "chat:app"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert "has no attribute 'App'" in done.stderr and "hides the installed package" in \
+        done.stderr and str(tmp_path / "siocluster") in done.stderr, done.stderr
