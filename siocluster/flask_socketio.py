@@ -54,7 +54,6 @@ IO_NODE_OPTIONS = {
     "compression_threshold": None, "always_connect": "CONNECT_TIMEOUT_ACCEPT",
     "logger": "LOG_LEVEL", "engineio_logger": "LOG_LEVEL", "monitor_clients": None,
     "namespaces": None, "path": None, "resource": None, "json": None, "async_handlers": None,
-    "channel": "PREFIX",
 }
 
 
@@ -117,13 +116,16 @@ class SocketIO:
         if "client_manager" in options:
             raise ValueError("client_manager: siocluster's nodes talk through their own "
                              "Redis streams (REDIS_URL); leave it out")
-        queue = options.pop("message_queue", None)
+        queue, channel = options.pop("message_queue", None), options.pop("channel", None)
         for key in sorted(options):
             if key not in IO_NODE_OPTIONS:
                 raise TypeError(f"SocketIO() got an unexpected option {key!r}")
             setting = IO_NODE_OPTIONS[key]
             logger.warning("SocketIO(%s=...) is a setting of the io-nodes, not applied by "
                            "app-nodes%s", key, f": set {setting} on them" if setting else "")
+        if app is not None and (queue or channel):
+            logger.info("SocketIO(message_queue=..., channel=...) is not needed on app-nodes: "
+                        "they talk through REDIS_URL, under PREFIX")
         if app is not None:
             if not hasattr(app, "extensions"):
                 app.extensions = {}
@@ -131,11 +133,12 @@ class SocketIO:
             self.flask_app = app
             app.wsgi_app = NoSocketIO(app.wsgi_app)
         elif queue:
-            self._sender(queue, kwargs.get("channel"))
+            self._sender(queue, channel)
 
     def _sender(self, url: str, channel: Optional[str]) -> None:
         """Flask-SocketIO's write-only ``SocketIO(message_queue=url)`` (a process that only
-        emits): an app-node for sending, not started."""
+        emits): an app-node for sending, not started, on Redis ``url`` under PREFIX
+        ``channel`` (``SIOCLUSTER_*`` variables override both)."""
         from .appnode import AppNode
         from .config import Config
 

@@ -139,6 +139,10 @@ def flask_conversation(connect, page):
     bob.sio.emit("count")
     bob.expect("counted", 2)
     acks.append(ada.call("dance", {"steps": 3}))              # the catch-all's
+    ada.sio.send("plain words")
+    ada.expect("message")
+    acks.append(ada.call("divide", {"a": 1, "b": 0}))         # the error handler's
+    ada.expect("failed")
     acks.append(ada.call("echo", "hello", namespace="/echo"))
     acks.append(ada.call("start_ticker", {"count": 3, "every": 0.2}))
     acks.append(bob.call("start_ticker", {"count": 3, "every": 0.2}))
@@ -231,7 +235,7 @@ def test_a_flask_socketio_app_ports_by_its_import_line(cluster, node_env, redis_
     assert "gevent mode" in page
     assert refusals == [{"message": "who are you?"}]
     assert acks[0] == [{"rooms": ["lobby"], "own room": True}]
-    assert acks[3] == ["caught dance"] and acks[4] == [5]
+    assert acks[3] == ["caught dance"] and acks[4] == ["failed"] and acks[5] == [5]
     ticks = [("/", "tick", [{"n": n}]) for n in (1, 2, 3)]
     assert [e for e in ada_events if e[1] == "tick"] == ticks
     assert ("/", "bye", [{"name": "ada"}]) in ada_events
@@ -432,3 +436,14 @@ def test_a_siocluster_folder_that_hides_the_package_is_named_where_it_fails(tmp_
     assert done.returncode != 0
     assert "has no attribute 'App'" in done.stderr and "hides the installed package" in \
         done.stderr and str(tmp_path / "siocluster") in done.stderr, done.stderr
+
+
+def test_a_process_that_only_emits_makes_its_socketio_with_message_queue(cluster):
+    from siocluster.flask_socketio import SocketIO
+
+    cluster.app_node(siocluster.App())
+    client = cluster.client(cluster.io_node())
+    # Flask-SocketIO's way for a worker or script to emit, without a Flask app
+    external = SocketIO(message_queue=cluster.config.redis_url, channel=cluster.config.prefix)
+    external.emit("news", {"headline": "ported"})
+    assert client.expect("news") == [[{"headline": "ported"}]]

@@ -20,6 +20,7 @@ from flask_socketio import (
     join_room,
     leave_room,
     rooms,
+    send,
 )
 
 app = Flask(__name__)
@@ -85,6 +86,22 @@ def shout(text):
 def count():
     session["counted"] = session.get("counted", 0) + 1
     emit("counted", session["counted"])        # to the sender only
+
+
+@socketio.on("message")
+def on_message(text):
+    send("you said: " + text)
+
+
+@socketio.event
+def divide(data):
+    return data["a"] / data["b"]
+
+
+@socketio.on_error_default
+def on_error(exc):
+    emit("failed", {"error": type(exc).__name__})
+    return "failed"
 
 
 @socketio.on("close room")
