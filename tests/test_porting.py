@@ -104,12 +104,12 @@ def stop_processes(procs):
 
 def connector(urls, clients):
     """connect(auth, n, namespaces): a client on the n-th server; a refusal is recorded."""
-    def connect(auth, n, namespaces=("/",), refusals=None):
+    def connect(auth, n, namespaces=("/",), refusals=None, headers=None):
         client = EventClient()
         clients.append(client)
         if refusals is not None:
             client.sio.on("connect_error", refusals.append)
-        client.sio.connect(urls[n % len(urls)], transports=["websocket"],
+        client.sio.connect(urls[n % len(urls)], transports=["websocket"], headers=headers,
                            namespaces=list(namespaces), auth=auth, wait_timeout=5)
         return client
     return connect
@@ -117,12 +117,19 @@ def connector(urls, clients):
 
 # ---- the conversations --------------------------------------------------------------------------
 
-def flask_conversation(connect, page):
+def flask_conversation(connect, url):
     """Ada and Bob on different servers: rooms, sessions, a catch-all, a class-based
-    namespace, a background task both start, acks both ways, a server-side disconnect."""
+    namespace, a background task both start, acks both ways, a server-side disconnect; and
+    Cy, whose Socket.IO session starts with what a page put in her Flask session."""
+    page = requests.get(url, timeout=5).text
     refusals, acks = [], []
     with pytest.raises(socketio.exceptions.ConnectionError):
         connect(None, 0, refusals=refusals)
+    browser = requests.Session()
+    assert browser.get(f"{url}/login/cy", timeout=5).text == "hello cy"
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    cy = connect(None, 0, headers={"Cookie": cookie})
+    cy.expect("welcome")
     ada = connect({"name": "ada"}, 0, namespaces=("/", "/echo"))
     bob = connect({"name": "bob"}, 1)
     ada.expect("welcome")
@@ -160,7 +167,7 @@ def flask_conversation(connect, page):
     wait_until(lambda: "/" not in ada.sio.namespaces, message="ada was not disconnected")
     bob.expect("gone")
     gevent.sleep(0.5)          # anything more (a second ticker's ticks, say) would show
-    return page, refusals, acks, ada.events, bob.events
+    return page, refusals, acks, ada.events, bob.events, cy.events
 
 
 def sio_conversation(connect, get_page):
@@ -205,7 +212,7 @@ def test_a_flask_socketio_app_ports_by_its_import_line(cluster, node_env, redis_
     server = serve(flask_chat.app)
     url = f"http://127.0.0.1:{server.address[1]}"
     try:
-        before = flask_conversation(connector([url], clients), requests.get(url, timeout=5).text)
+        before = flask_conversation(connector([url], clients), url)
     finally:
         for client in clients:
             client.close()
@@ -225,13 +232,13 @@ def test_a_flask_socketio_app_ports_by_its_import_line(cluster, node_env, redis_
             cluster.io_nodes.append(node)
             io_nodes.append(f"http://127.0.0.1:{node.address[1]}")
         wait_alive(redis_client, cluster.config.prefix, procs, procs, tmp_path)
-        after = flask_conversation(connector(io_nodes, cluster.clients),
-                                   requests.get(io_nodes[1], timeout=5).text)
+        after = flask_conversation(connector(io_nodes, cluster.clients), io_nodes[1])
     finally:
         stop_processes(procs)
 
     assert after == before
-    page, refusals, acks, ada_events, bob_events = after
+    page, refusals, acks, ada_events, bob_events, cy_events = after
+    assert cy_events[0] == ("/", "welcome", [{"name": "cy", "mode": "gevent"}])
     assert "gevent mode" in page
     assert refusals == [{"message": "who are you?"}]
     assert acks[0] == [{"rooms": ["lobby"], "own room": True}]

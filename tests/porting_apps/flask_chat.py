@@ -37,6 +37,12 @@ def index():
     return render_template_string(PAGE, mode=socketio.async_mode)
 
 
+@app.route("/login/<name>")
+def login(name):
+    session["user"] = name           # Flask's cookie session: Socket.IO handlers start with it
+    return "hello " + name
+
+
 def tick(count, every):
     for n in range(1, count + 1):
         socketio.sleep(every)
@@ -45,7 +51,7 @@ def tick(count, every):
 
 @socketio.event
 def connect(auth):
-    name = (auth or {}).get("name")
+    name = (auth or {}).get("name") or session.get("user")
     if not name:
         raise ConnectionRefusedError("who are you?")
     session["name"] = name
