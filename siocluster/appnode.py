@@ -396,7 +396,7 @@ def main(argv=None) -> None:
                         help="what start_background_task does: run the task in each app-node "
                              "that calls it (node, python-socketio's way and the default), or "
                              "once per cluster, handed over if its app-node dies (cluster)")
-    config, args = Config.load(argv, parser=parser)
+    config, args = Config.load(argv, parser=parser, role="app-node")
     logs.setup(config, "app-node")
     node = AppNode(args.app, config, background_tasks=args.background_tasks)
     logs.identify(node.id)

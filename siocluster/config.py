@@ -31,6 +31,26 @@ from .net import port_number
 
 ENV_PREFIX = "SIOCLUSTER_"
 
+# What each kind of node reads besides Redis, the prefix, its id, logs, heartbeats and where
+# it listens: a node's `--help` lists its own settings. The others are still accepted (one
+# environment or command line may serve several kinds of node), only not listed.
+COMMON_SETTINGS = {"redis_url", "redis_host", "redis_port", "redis_password", "redis_username",
+                   "redis_database", "prefix", "http_host", "http_port", "node_id", "log_level",
+                   "log_format", "heartbeat_interval", "node_ttl"}
+ROLE_SETTINGS = {
+    "app-node": {"workers", "pop_timeout", "max_attempts", "call_timeout", "dead_maxlen",
+                 "dead_record_size", "stream_maxlen", "recovery_window"},
+    "io-node": {"public_host", "public_url", "pop_timeout", "connect_timeout",
+                "connect_timeout_accept", "ack_timeout", "outbox_size", "outbox_max_bytes",
+                "max_message_size", "rate_limit", "rate_burst", "max_send_backlog",
+                "max_attachments", "max_connections", "max_connections_per_address",
+                "handshake_timeout", "certfile", "keyfile", "cors_allowed_origins",
+                "inbox_maxlen", "inbox_max_bytes", "client_queue_maxlen", "stream_maxlen",
+                "recovery_window", "recovery_max_packets", "recovery_max_bytes"},
+    "frontend-node": {"client_config_url", "io_servers"},
+    "policy server": {"policy_max_connections", "io_servers"},
+}
+
 
 def _field(default, help, *, seed=None, flag=True):
     return dataclasses.field(default=default, metadata={"help": help, "seed": seed, "flag": flag})
@@ -196,22 +216,27 @@ class Config:
 
     @classmethod
     def argument_parser(cls, parser: Optional[argparse.ArgumentParser] = None,
-                        **kwargs) -> argparse.ArgumentParser:
-        """An argparse parser with a ``--flag`` for each setting (``--redis-url`` ...)."""
+                        role: Optional[str] = None, **kwargs) -> argparse.ArgumentParser:
+        """An argparse parser with a ``--flag`` for each setting (``--redis-url`` ...); with
+        a ``role`` (a key of `ROLE_SETTINGS`) its help lists only that node's settings."""
         parser = parser or argparse.ArgumentParser(**kwargs)
-        group = parser.add_argument_group("siocluster settings (also SIOCLUSTER_<KEY>)")
+        shown = None if role is None else COMMON_SETTINGS | ROLE_SETTINGS[role]
+        group = parser.add_argument_group(
+            "siocluster settings (also SIOCLUSTER_<KEY>)",
+            None if role is None else f"the {role}'s; other nodes' settings are accepted too")
         for f in dataclasses.fields(cls):
             if not f.metadata.get("flag", True):
                 continue
             flag = "--" + f.name.replace("_", "-")
+            shown_help = f.metadata["help"] if shown is None or f.name in shown \
+                else argparse.SUPPRESS
             if f.name == "http_port":
                 group.add_argument("--port", "-p", flag, dest=f.name, default=None,
-                                   help=f.metadata["help"])
+                                   help=shown_help)
             elif f.name == "http_host":
-                group.add_argument("--host", flag, dest=f.name, default=None,
-                                   help=f.metadata["help"])
+                group.add_argument("--host", flag, dest=f.name, default=None, help=shown_help)
             else:
-                group.add_argument(flag, dest=f.name, default=None, help=f.metadata["help"])
+                group.add_argument(flag, dest=f.name, default=None, help=shown_help)
         return parser
 
     @classmethod
@@ -223,12 +248,14 @@ class Config:
 
     @classmethod
     def load(cls, argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None,
-             parser: Optional[argparse.ArgumentParser] = None, **overrides):
+             parser: Optional[argparse.ArgumentParser] = None, role: Optional[str] = None,
+             **overrides):
         """Defaults, then keyword arguments, then the environment, then flags.
 
-        Returns ``(config, args)``; ``args`` holds the parser's other arguments.
+        Returns ``(config, args)``; ``args`` holds the parser's other arguments. ``role``:
+        `argument_parser`'s.
         """
-        parser = cls.argument_parser(parser)
+        parser = cls.argument_parser(parser, role=role)
         args = parser.parse_args(argv)
         try:
             config = cls.from_mapping(overrides) if overrides else cls()

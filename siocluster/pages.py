@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     parser.add_argument("--background-tasks", choices=("node", "cluster"), default=None,
                         help="what the routes' start_background_task does: run the task in "
                              "this process (node, the default) or once per cluster (cluster)")
-    config, args = Config.load(argv, parser=parser)
+    config, args = Config.load(argv, parser=parser, role="io-node")
     logs.setup(config, "io-node")
     module_name, _, attr = args.app.partition(":")
     try:

@@ -454,3 +454,24 @@ def test_a_process_that_only_emits_makes_its_socketio_with_message_queue(cluster
     external = SocketIO(message_queue=cluster.config.redis_url, channel=cluster.config.prefix)
     external.emit("news", {"headline": "ported"})
     assert client.expect("news") == [[{"headline": "ported"}]]
+
+
+def test_each_nodes_help_lists_its_own_settings(capsys):
+    from siocluster import appnode, pages
+
+    for main, own, other in ((appnode.main, "--workers", "--max-connections"),
+                             (pages.main, "--max-connections", "--workers")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--help"])
+        assert stopped.value.code == 0
+        shown = capsys.readouterr().out
+        assert own in shown and other not in shown
+        assert "--redis-url" in shown and "--background-tasks" in shown
+    # another node's setting is still taken (one environment may serve several kinds)
+    config, _ = siocluster.Config.load(["--workers", "3"], environ={}, role="io-node")
+    assert config.workers == 3
+    # every setting with a flag is some node's, and the tables name only settings
+    from siocluster.config import COMMON_SETTINGS, ROLE_SETTINGS
+
+    listed = COMMON_SETTINGS.union(*ROLE_SETTINGS.values())
+    assert listed == set(siocluster.Config.setting_names()) - {"redis_options"}
