@@ -46,14 +46,12 @@ NO_SOCKET_IO = ("siocluster: this Flask app's Socket.IO handlers run on app-node
                 "connections are held by io-nodes: serve it with `python -m siocluster.pages "
                 "module:app` (its pages and Socket.IO on one port), or point the page's io() at "
                 "an io-node; see docs/porting.md")
-# Socket.IO and Engine.IO server options: on siocluster they are the io-nodes' settings
+# Socket.IO and Engine.IO server options with a siocluster setting that does their work
 IO_NODE_OPTIONS = {
-    "cors_allowed_origins": "CORS_ALLOWED_ORIGINS", "max_http_buffer_size": "MAX_MESSAGE_SIZE",
-    "ping_interval": None, "ping_timeout": None, "cors_credentials": None, "cookie": None,
-    "transports": None, "allow_upgrades": None, "http_compression": None,
-    "compression_threshold": None, "always_connect": "CONNECT_TIMEOUT_ACCEPT",
-    "logger": "LOG_LEVEL", "engineio_logger": "LOG_LEVEL", "monitor_clients": None,
-    "namespaces": None, "path": None, "resource": None, "json": None, "async_handlers": None,
+    "cors_allowed_origins": "the io-nodes' CORS_ALLOWED_ORIGINS",
+    "max_http_buffer_size": "the io-nodes' MAX_MESSAGE_SIZE",
+    "always_connect": "the io-nodes' CONNECT_TIMEOUT_ACCEPT",
+    "logger": "every node's LOG_LEVEL", "engineio_logger": "every node's LOG_LEVEL",
 }
 
 
@@ -117,12 +115,12 @@ class SocketIO:
             raise ValueError("client_manager: siocluster's nodes talk through their own "
                              "Redis streams (REDIS_URL); leave it out")
         queue, channel = options.pop("message_queue", None), options.pop("channel", None)
-        for key in sorted(options):
-            if key not in IO_NODE_OPTIONS:
-                raise TypeError(f"SocketIO() got an unexpected option {key!r}")
-            setting = IO_NODE_OPTIONS[key]
-            logger.warning("SocketIO(%s=...) is a setting of the io-nodes, not applied by "
-                           "app-nodes%s", key, f": set {setting} on them" if setting else "")
+        for key in sorted(options):     # python-socketio ignores what it does not know
+            setting = IO_NODE_OPTIONS.get(key)
+            logger.warning("SocketIO(%s=...) is not applied by app-nodes%s", key,
+                           f": set {setting}" if setting else
+                           " (a Socket.IO server option: the io-nodes' settings are in "
+                           "`python -m siocluster.ionode --help`)")
         if app is not None and (queue or channel):
             logger.info("SocketIO(message_queue=..., channel=...) is not needed on app-nodes: "
                         "they talk through REDIS_URL, under PREFIX")
