@@ -296,11 +296,14 @@ class IoSocketServer(socketio.Server):
         self.max_attachments = max_attachments
         self.recovery = None
         self.returning_sids = {}        # (eio sid, namespace) -> the sid it comes back as
+        # eio sid -> packets held until its CONNECT (a returning client's: its replay) is sent
+        self.held = {}
 
     def _handle_connect(self, eio_sid, namespace, data):
         hooks, namespace = self.recovery, namespace or "/"
         if hooks is None:
             return super()._handle_connect(eio_sid, namespace, data)
+        self.held.setdefault(eio_sid, [])
         sid, data = hooks.returning(eio_sid, namespace, data)
         if sid is not None:
             self.returning_sids[(eio_sid, namespace)] = sid
@@ -308,19 +311,45 @@ class IoSocketServer(socketio.Server):
             super()._handle_connect(eio_sid, namespace, data)
         finally:
             self.returning_sids.pop((eio_sid, namespace), None)
-            hooks.connected(eio_sid, namespace, sid)
+            try:
+                hooks.connected(eio_sid, namespace, sid)
+            finally:
+                now = self.manager.sid_from_eio_sid(eio_sid, namespace)
+                self.release(eio_sid, drop=now is None
+                             or not self.manager.is_connected(now, namespace))
+
+    def release(self, eio_sid: str, drop: bool = False) -> None:
+        """Send what was held for a connection, in order (``drop``: refused, or superseded
+        by the replay of what a returning client missed)."""
+        held = self.held.pop(eio_sid, None)
+        if held and not drop and eio_sid in self.eio.sockets:
+            for raw, pkt in held:
+                if raw:
+                    super()._send_eio_packet(eio_sid, pkt)
+                else:
+                    super()._send_packet(eio_sid, pkt)
+
+    def _send_eio_packet(self, eio_sid, eio_pkt):
+        if self.held and eio_sid in self.held:
+            self.held[eio_sid].append((True, eio_pkt))
+            return
+        super()._send_eio_packet(eio_sid, eio_pkt)
 
     def _send_packet(self, eio_sid, pkt):
-        if pkt.packet_type == sio_packet.CONNECT and self.recovery is not None \
-                and isinstance(pkt.data, dict) and "sid" in pkt.data:
-            pkt.data.update(self.recovery.connect_fields(pkt.data["sid"], pkt.namespace or "/"))
+        if pkt.packet_type in (sio_packet.CONNECT, sio_packet.CONNECT_ERROR):
+            if pkt.packet_type == sio_packet.CONNECT and self.recovery is not None \
+                    and isinstance(pkt.data, dict) and "sid" in pkt.data:
+                pkt.data.update(self.recovery.connect_fields(pkt.data["sid"],
+                                                             pkt.namespace or "/"))
+        elif self.held and eio_sid in self.held:
+            self.held[eio_sid].append((False, pkt))
+            return
         super()._send_packet(eio_sid, pkt)
 
     def _handle_eio_disconnect(self, eio_sid, reason):
         if reason == self.reason.CLIENT_DISCONNECT and self.recovery is not None:
-            # the client closed its connection, not its namespaces (those say goodbye with
-            # a DISCONNECT packet first): socket.io calls it "transport close", and the
-            # client may come back as itself
+            # the client closed its connection, not its namespaces (a DISCONNECT packet says
+            # that): "transport close", as socket.io says; it may come back as itself
             reason = self.reason.TRANSPORT_CLOSE
         super()._handle_eio_disconnect(eio_sid, reason)
 
@@ -366,31 +395,6 @@ def origin_allowed(sio: socketio.Server, environ: dict) -> bool:
         return True
     allowed = eio._cors_allowed_origins(environ)
     return allowed is None or origin in allowed
-
-
-def drop_connections(sio: socketio.Server) -> list:
-    """Drop every connection without a Socket.IO disconnect or even an Engine.IO close packet
-    (after which python-socketio's client gives up): every client reconnects by itself."""
-    sockets = list(sio.eio.sockets.values())
-    for sock in sockets:
-        try:
-            # no waiting: a polling client may never come back for its last answer
-            sock.close(wait=False, abort=True, reason=sio.eio.reason.SERVER_DISCONNECT)
-        except Exception:
-            logger.exception("closing %s", sock.sid)
-    return sockets
-
-
-def drop_connection(sio: socketio.Server, eio_sid: str) -> None:
-    """Drop one connection at once, without a word to the client (it came back elsewhere)."""
-    sock = sio.eio.sockets.get(eio_sid)
-    if sock is not None and not sock.closed:
-        sock.close(wait=False, abort=True, reason=sio.eio.reason.TRANSPORT_CLOSE)
-
-
-def sends_pending(sockets: list) -> bool:
-    """Whether packets still wait in engineio's queue of a (polling) socket."""
-    return any(not sock.queue.empty() for sock in sockets)
 
 
 def bind_namespace(namespace_handler: socketio.Namespace, app) -> None:

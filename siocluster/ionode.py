@@ -134,10 +134,10 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
         deadline = time.monotonic() + timeout
         self._closing = True                   # connects from now on are refused
         # every client reconnects by itself, to another io-node
-        sockets = engine.drop_connections(self.sio)
+        sockets = transport.drop_connections(self.sio)
         # polling clients learn it with their next request: a moment for it
         drain = min(deadline, time.monotonic() + 2.0)
-        while engine.sends_pending(sockets) and time.monotonic() < drain:
+        while transport.sends_pending(sockets) and time.monotonic() < drain:
             gevent.sleep(0.05)
         if getattr(self, "_server", None) is not None:
             self._server.stop(timeout=0)       # closes the listener

@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Optional, Set, Tuple
 
 import gevent.lock
 
-from . import engine
+from . import engine, transport
 from .envelope import args_to_data, let_go_command, unpack_args
 from .node import REDIS_DOWN
 from .recovery import RECOVERABLE, Returning, new_pid, offset
@@ -127,7 +127,7 @@ class Rejoin:
             # it would miss what it missed: it comes back again once Redis is
             self.logger.warning("io-node %s: could not replay what %s missed (%s): its "
                                 "connection is closed, it will come back", self.id, sid, exc)
-            engine.drop_connection(self.sio, eio_sid)
+            transport.drop_connection(self.sio, eio_sid)
 
     # ---- replay -------------------------------------------------------------------------
 
@@ -151,6 +151,8 @@ class Rejoin:
                                     "disconnected", self.id, sid)
                 self.sio.disconnect(sid, namespace=namespace)
                 return
+            # what reached it meanwhile is in the replay, sent now, then the live packets
+            self.sio.release(self.clients[sid].eio_sid, drop=True)
             for command, at in packets:
                 args = unpack_args(command)
                 args.append(at)
@@ -190,7 +192,7 @@ class Rejoin:
     def let_go(self, eio_sid: str) -> None:
         """Drop a connection whose client came back on another, without a disconnect."""
         self._quiet.add(eio_sid)
-        engine.drop_connection(self.sio, eio_sid)
+        transport.drop_connection(self.sio, eio_sid)
 
     def quiet(self, eio_sid: str) -> bool:
         """Whether a connection that ended was let go (its client is back elsewhere)."""

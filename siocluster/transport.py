@@ -303,3 +303,28 @@ def use_fast_websocket_reads() -> None:
 
     unmask_payload.uses_wsaccel = True
     Header.unmask_payload = unmask_payload
+
+
+def drop_connections(sio) -> list:
+    """Drop every connection without a Socket.IO disconnect or even an Engine.IO close packet
+    (after which python-socketio's client gives up): every client reconnects by itself."""
+    sockets = list(sio.eio.sockets.values())
+    for sock in sockets:
+        try:
+            # no waiting: a polling client may never come back for its last answer
+            sock.close(wait=False, abort=True, reason=sio.eio.reason.SERVER_DISCONNECT)
+        except Exception:
+            logger.exception("closing %s", sock.sid)
+    return sockets
+
+
+def drop_connection(sio, eio_sid: str) -> None:
+    """Drop one connection at once, without a word to the client (it came back elsewhere)."""
+    sock = sio.eio.sockets.get(eio_sid)
+    if sock is not None and not sock.closed:
+        sock.close(wait=False, abort=True, reason=sio.eio.reason.TRANSPORT_CLOSE)
+
+
+def sends_pending(sockets: list) -> bool:
+    """Whether packets still wait in engineio's queue of a (polling) socket."""
+    return any(not sock.queue.empty() for sock in sockets)

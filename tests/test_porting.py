@@ -26,11 +26,8 @@ from tests.helpers import EventClient, wait_until
 
 APPS = os.path.join(ROOT, "tests", "porting_apps")
 FLASK_IMPORT = ("from flask_socketio import (", "from siocluster.flask_socketio import (")
-# Emits of a connect handler reach a python-socketio client before its CONNECT packet (the
-# JS client buffers them; python-socketio's hands them to handlers at once), so the offset
-# connection-state recovery adds cannot be taken off them: the conversations compared run
-# with recovery off, as a plain python-socketio server has it.
-NO_RECOVERY = {"SIOCLUSTER_RECOVERY_WINDOW": "0"}
+# The conversations compared run on the cluster's defaults, connection-state recovery on:
+# the test's clients (EventClient, siocluster.RecoveringClient) take off the offset it adds.
 SIO_SERVER = [("import socketio\n", "import socketio\n\nimport siocluster\n"),
               ('sio = socketio.Server(async_mode="gevent")', "sio = siocluster.App()")]
 
@@ -221,12 +218,12 @@ def test_a_flask_socketio_app_ports_by_its_import_line(cluster, node_env, redis_
     # the port: the import line, and how it runs (pages on the io-nodes, handlers on two
     # app-nodes in processes of their own, the background task once per cluster)
     ported = port(tmp_path, "flask_chat", [FLASK_IMPORT])
-    procs = start_app_nodes(dict(node_env, **NO_RECOVERY), tmp_path,
+    procs = start_app_nodes(node_env, tmp_path,
                             "ported_flask_chat:socketio", "--background-tasks", "cluster")
     try:
         io_nodes = []
         for _ in range(2):
-            node = pages_node(ported.app, cluster.config.replace(recovery_window=0), ported)
+            node = pages_node(ported.app, cluster.config, ported)
             node.start()
             node.start_server(("127.0.0.1", 0))
             cluster.io_nodes.append(node)
@@ -266,11 +263,11 @@ def test_a_python_socketio_app_ports_by_the_line_that_makes_the_server(cluster, 
         server.stop(timeout=1)
 
     ported = port(tmp_path, "sio_example", SIO_SERVER)
-    cluster.app_node(ported.sio, recovery_window=0)
-    cluster.app_node(ported.sio, recovery_window=0)
+    cluster.app_node(ported.sio)
+    cluster.app_node(ported.sio)
     urls = []
     for _ in range(2):
-        node = pages_node(ported.app, cluster.config.replace(recovery_window=0), ported)
+        node = pages_node(ported.app, cluster.config, ported)
         node.start()
         node.start_server(("127.0.0.1", 0))
         cluster.io_nodes.append(node)

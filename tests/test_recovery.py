@@ -401,3 +401,27 @@ def test_rolling_a_whole_tier_of_io_nodes_loses_nothing(cluster):
         wait_until(lambda c=listener: len(numbers(c)) >= sent, timeout=10)
         assert numbers(listener) == list(range(sent)) and listener.sid == sid
     assert seen["disconnects"] == []
+
+
+def test_what_a_connect_handler_sends_arrives_after_the_connect_and_once(cluster):
+    """Emits the connect handler makes reach the client after its CONNECT (a python client
+    gets them without the offset), and a returning client gets a broadcast made while it
+    comes back once: from the replay, not also live."""
+    app = App()
+
+    @app.event
+    def connect(sid, environ, auth):
+        app.emit("welcome", "hi", to=sid)
+        app.emit("arrived", sid)                       # to everyone in the namespace
+
+    io1 = cluster.io_node()
+    cluster.app_node(app)
+    client = cluster.client(io1, **FAST_RECONNECT)
+    assert client.expect("welcome") == [["hi"]]
+    sid = client.sid
+    wait_until(lambda: client.received("arrived") == [[sid]])
+    drop_transport(client)
+    wait_recovered(client, sid)
+    assert client.expect("welcome", 2) == [["hi"], ["hi"]]
+    wait_until(lambda: len(client.received("arrived")) >= 2)
+    assert client.received("arrived") == [[sid], [sid]]         # once for each connect
