@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m example_chat.frontend",
                                      description="Serve the chat's page and the io-node list.")
-    config, _ = Config.load(argv, parser=parser)
+    config, _ = Config.load(argv, parser=parser, role="frontend-node")
     logs.setup(config, "frontend-node")
     logs.identify(config.node_id or "frontend-node")
     server = WSGIServer((config.http_host, config.http_port), create_app(config),

@@ -410,7 +410,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.ionode",
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
-    config, _ = Config.load(argv, parser=parser)
+    config, _ = Config.load(argv, parser=parser, role="io-node")
     logs.setup(config, "io-node")
     node = IoNode(config)
     logs.identify(node.id)
