@@ -44,6 +44,8 @@ STREAM_MAXLEN = 100_000      # commands kept in a stream for io-nodes that recon
 RECOVERY_WINDOW = 120.0
 RECOVERY_MAX_PACKETS = 1_000
 RECOVERY_MAX_BYTES = 1 << 20
+# packets an io-node holds for a client until its connect is answered; past that it goes
+HELD_PACKETS = 10_000
 COMMAND_BATCH = 256          # stream entries one io-node reads per round trip
 
 # logs

@@ -40,7 +40,7 @@ from socketio import packet as sio_packet
 
 from . import defaults
 from .ioclient import shown
-from .transport import FrameWriter, MessageCap, Pinger, PollingBounds, attachment_count
+from .transport import FrameWriter, Holding, MessageCap, Pinger, PollingBounds, attachment_count
 
 # the versions this module was written and tested against (setup.cfg pins the same ranges)
 TESTED_WITH = {"python-engineio": "4.15", "python-socketio": "5.18", "gevent-websocket": "0.10"}
@@ -283,11 +283,9 @@ class IoSocketServer(socketio.Server):
         announces more is disconnected. Other parameters are python-socketio's and
         `EngineServer`'s.
 
-    Set ``recovery`` to an object with three methods to recover connections (the io-node
-    does): ``returning(eio_sid, namespace, auth)`` before a connect, which returns the sid
-    to reuse (None: a new client) and the auth to pass on; ``connect_fields(sid,
-    namespace)``, what to add to the CONNECT packet (the pid); ``connected(eio_sid,
-    namespace, sid)`` once the connect was answered.
+    ``recovery`` (the io-node sets it) recovers connections: ``returning(eio_sid, namespace,
+    auth)`` gives the sid a client comes back as (None: new) and the auth to pass on,
+    ``connect_fields(sid, namespace)`` what the CONNECT adds (the pid), ``connected(...)``.
     """
 
     def __init__(self, *args, max_attachments: int = defaults.MAX_ATTACHMENTS, **kwargs):
@@ -296,14 +294,14 @@ class IoSocketServer(socketio.Server):
         self.max_attachments = max_attachments
         self.recovery = None
         self.returning_sids = {}        # (eio sid, namespace) -> the sid it comes back as
-        # eio sid -> packets held until its CONNECT (a returning client's: its replay) is sent
-        self.held = {}
+        # packets held for a connection until its CONNECT (a returning client's: its replay)
+        self.held = Holding(defaults.HELD_PACKETS)
 
     def _handle_connect(self, eio_sid, namespace, data):
         hooks, namespace = self.recovery, namespace or "/"
         if hooks is None:
             return super()._handle_connect(eio_sid, namespace, data)
-        self.held.setdefault(eio_sid, [])
+        self.held.start(eio_sid)
         sid, data = hooks.returning(eio_sid, namespace, data)
         if sid is not None:
             self.returning_sids[(eio_sid, namespace)] = sid
@@ -321,18 +319,21 @@ class IoSocketServer(socketio.Server):
     def release(self, eio_sid: str, drop: bool = False) -> None:
         """Send what was held for a connection, in order (``drop``: refused, or superseded
         by the replay of what a returning client missed)."""
-        held = self.held.pop(eio_sid, None)
-        if held and not drop and eio_sid in self.eio.sockets:
-            for raw, pkt in held:
-                if raw:
-                    super()._send_eio_packet(eio_sid, pkt)
-                else:
-                    super()._send_packet(eio_sid, pkt)
+        held = self.held.pop(eio_sid)
+        if not held or drop or eio_sid not in self.eio.sockets:
+            return
+        if held[-1] is None:      # past the bound: it would miss packets, so it goes
+            self.eio.sockets[eio_sid].close(wait=False, abort=True)
+            return
+        for raw, pkt in held:
+            if raw:
+                super()._send_eio_packet(eio_sid, pkt)
+            else:
+                super()._send_packet(eio_sid, pkt)
 
     def _send_eio_packet(self, eio_sid, eio_pkt):
         if self.held and eio_sid in self.held:
-            self.held[eio_sid].append((True, eio_pkt))
-            return
+            return self.held.put(eio_sid, True, eio_pkt)
         super()._send_eio_packet(eio_sid, eio_pkt)
 
     def _send_packet(self, eio_sid, pkt):
@@ -342,8 +343,7 @@ class IoSocketServer(socketio.Server):
                 pkt.data.update(self.recovery.connect_fields(pkt.data["sid"],
                                                              pkt.namespace or "/"))
         elif self.held and eio_sid in self.held:
-            self.held[eio_sid].append((False, pkt))
-            return
+            return self.held.put(eio_sid, False, pkt)
         super()._send_packet(eio_sid, pkt)
 
     def _handle_eio_disconnect(self, eio_sid, reason):

@@ -328,3 +328,33 @@ def drop_connection(sio, eio_sid: str) -> None:
 def sends_pending(sockets: list) -> bool:
     """Whether packets still wait in engineio's queue of a (polling) socket."""
     return any(not sock.queue.empty() for sock in sockets)
+
+
+class Holding:
+    """Packets held for connections whose CONNECT is not sent yet, in order, at most
+    ``limit`` a connection: past that a ``None`` marks it (it would miss packets)."""
+
+    def __init__(self, limit: int):
+        self.lists = {}
+        self.limit = limit
+
+    def __bool__(self) -> bool:
+        return bool(self.lists)
+
+    def __contains__(self, eio_sid) -> bool:
+        return eio_sid in self.lists
+
+    def start(self, eio_sid: str) -> None:
+        self.lists.setdefault(eio_sid, [])
+
+    def put(self, eio_sid: str, raw: bool, pkt) -> None:
+        held = self.lists[eio_sid]
+        if len(held) < self.limit:
+            held.append((raw, pkt))
+        elif held[-1] is not None:
+            held.append(None)
+            logger.warning("%s: more than %d packets for it before its connect was answered: "
+                           "it is disconnected once it is", eio_sid, self.limit)
+
+    def pop(self, eio_sid: str):
+        return self.lists.pop(eio_sid, None)

@@ -425,3 +425,35 @@ def test_what_a_connect_handler_sends_arrives_after_the_connect_and_once(cluster
     assert client.expect("welcome", 2) == [["hi"], ["hi"]]
     wait_until(lambda: len(client.received("arrived")) >= 2)
     assert client.received("arrived") == [[sid], [sid]]         # once for each connect
+
+
+def test_a_connecting_client_that_would_miss_packets_is_cut_off(cluster):
+    """Packets held for a client until its connect is answered are bounded: past the bound
+    it would miss some, so it is disconnected instead of being let in with a gap."""
+    app = App()
+    gate = gevent.event.Event()
+
+    @app.event
+    def connect(sid, environ, auth):
+        if auth == "slow":
+            gate.wait(5)
+
+    @app.on("shout")
+    def shout(sid, n):
+        app.emit("shouted", n)                          # to the whole namespace
+        return n
+
+    io1 = cluster.io_node()
+    cluster.app_node(app)
+    io1.sio.held.limit = 5
+    shouter = cluster.client(io1)
+    slow = cluster.client(io1, connect=False)
+    connecting = gevent.spawn(slow.connect_to, io1, auth="slow")
+    wait_until(lambda: len(io1.sio.held.lists) == 1, message="the connect is not held")
+    for n in range(10):
+        assert shouter.call("shout", n) == [n]
+    gate.set()
+    connecting.join(10)
+    wait_until(lambda: not slow.sio.connected, timeout=10,
+               message="the client that missed packets was let in")
+    assert slow.received("shouted") == []
