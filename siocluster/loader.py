@@ -9,18 +9,24 @@ from typing import Optional
 from .app import App
 
 
-def load_app(path: str) -> App:
-    """Import ``package.module:attr`` (``attr`` defaults to ``app``): a `siocluster.App`, a
-    `siocluster.flask_socketio.SocketIO`, or a Flask app one was made for."""
+def import_entry(path: str, who: str):
+    """``(module, attr)`` of ``package.module:attr``; an import that fails is a SystemExit
+    that says why (naming a folder that hides the installed package, when one does)."""
     module_name, _, attr = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name), attr
     except ImportError as exc:
-        raise SystemExit(f"app-node: cannot import {module_name!r}: {exc}{shadowed()}")
+        raise SystemExit(f"{who}: cannot import {module_name!r}: {exc}{shadowed()}")
     except AttributeError as exc:
         if not shadowed():
             raise
-        raise SystemExit(f"app-node: cannot import {module_name!r}: {exc}{shadowed()}")
+        raise SystemExit(f"{who}: cannot import {module_name!r}: {exc}{shadowed()}")
+
+
+def load_app(path: str) -> App:
+    """Import ``package.module:attr`` (``attr`` defaults to ``app``): a `siocluster.App`, a
+    `siocluster.flask_socketio.SocketIO`, or a Flask app one was made for."""
+    module, attr = import_entry(path, "app-node")
     found = getattr(module, attr or "app", None)
     app = as_app(found)
     if app is None:

@@ -17,13 +17,12 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
 
     monkey.patch_all()
 
-import importlib
 from types import ModuleType
 from typing import List, Optional
 
 from .app import App
 from .appnode import AppNode
-from .loader import as_app, shadowed, wrong_server
+from .loader import as_app, import_entry, wrong_server
 from .seed import IoListener
 from .tasks import check_mode
 
@@ -81,15 +80,7 @@ def main(argv=None) -> None:
                              "this process (node, the default) or once per cluster (cluster)")
     config, args = Config.load(argv, parser=parser, role="io-node")
     logs.setup(config, "io-node")
-    module_name, _, attr = args.app.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SystemExit(f"pages: cannot import {module_name!r}: {exc}{shadowed()}")
-    except AttributeError as exc:
-        if not shadowed():
-            raise
-        raise SystemExit(f"pages: cannot import {module_name!r}: {exc}{shadowed()}")
+    module, attr = import_entry(args.app, "pages")
     wsgi_app = getattr(module, attr or "app", None)
     if not callable(wsgi_app):
         raise SystemExit(f"pages: {args.app!r} is not a WSGI app (found "
