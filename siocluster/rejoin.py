@@ -12,23 +12,26 @@ connection, if an io-node still holds it, is dropped without a word (`let_go`)::
     node.init_rejoin(sio)              # IoNode does: hooks on its server when RECOVERY_WINDOW > 0
 """
 
-from typing import Dict, NamedTuple, Optional, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 import gevent.lock
 
 from . import engine, transport
 from .envelope import args_to_data, let_go_command, unpack_args
 from .node import REDIS_DOWN
-from .recovery import RECOVERABLE, Returning, new_pid, offset
+from .recovery import RECOVERABLE, Returning, new_pid, offset, parse_offset
 
 END = 1 << 30        # an index past any entry's last command: "the whole entry"
 
 
 class Comeback(NamedTuple):
-    """A client coming back on a connection: who it was, the offset it said it saw."""
+    """A client coming back on a connection: who it was, the offset it said it saw, and
+    what it missed up to entry ``until`` of the shared stream (read when it was claimed)."""
 
     found: Returning
     offset: Optional[str]
+    packets: List[Tuple[dict, str]]
+    until: str
 
 
 class Rejoin:
@@ -72,7 +75,9 @@ class Rejoin:
             self.logger.info("io-node %s: a client came back with an unknown or expired "
                              "private id: it connects as a new client", self.id)
             return None
-        if self.recovery.missed(found, seen, namespace) is None:
+        until = self.applied
+        packets = self.recovery.missed(found, seen, namespace, until=offset(until, END))
+        if packets is None:
             self.logger.info("io-node %s: %s came back, but what it missed cannot be told "
                              "exactly (too much, or gone from the stream): it connects as a "
                              "new client", self.id, found.sid)
@@ -83,7 +88,7 @@ class Rejoin:
             return None
         if old:
             self._let_go_elsewhere(found, old, namespace)
-        self._comebacks[(eio_sid, namespace)] = Comeback(found, seen)
+        self._comebacks[(eio_sid, namespace)] = Comeback(found, seen, packets, until)
         return found.sid
 
     def recovery_fields(self, client, envelope) -> Tuple[Optional[Comeback], Optional[dict]]:
@@ -134,16 +139,12 @@ class Rejoin:
     def _catch_up(self, comeback: Comeback, sid: str, namespace: str) -> None:
         rooms = set(self.state.rooms(sid))
         rooms.add(sid)
-        until = self.applied
-        packets = self.recovery.missed(comeback.found, comeback.offset, namespace, rooms=rooms,
-                                       until=offset(until, END), bounded=False)
+        # what it missed up to its claim was read then; what was applied since, now, and
+        # (a short read) what the listen loop applied meanwhile, while it waits
+        packets, until = self._read_on(comeback, list(comeback.packets), comeback.until,
+                                       namespace, rooms)
         with self._applying:
-            if packets is not None and self.applied != until:
-                # the listen loop applied more meanwhile: those too (a short read)
-                more = self.recovery.missed(comeback.found, offset(until, END), namespace,
-                                            rooms=rooms, until=offset(self.applied, END),
-                                            bounded=False)
-                packets = None if more is None else packets + more
+            packets, until = self._read_on(comeback, packets, until, namespace, rooms)
             if packets is None:
                 # the app disconnected it while it was away, or the stream lost what it
                 # missed since it was claimed
@@ -162,6 +163,19 @@ class Rejoin:
                     self.sio.enter_room(sid, room, namespace=namespace)
         self.logger.info("io-node %s: %s came back (%d missed packet(s) sent, %d room(s))",
                          self.id, sid, len(packets), len(rooms) - 1, extra={"sid": sid})
+
+    def _read_on(self, comeback: Comeback, packets, until: str, namespace: str, rooms):
+        """``packets`` and what reaches the client in the entries applied after ``until``,
+        with the entry applied last; None when what it missed is lost."""
+        now = self.applied
+        if packets is None or now == until:
+            return packets, until
+        # from what it saw, should that be past what this io-node had applied
+        seen = max((offset(until, END), comeback.offset),
+                   key=lambda at: parse_offset(at) or (-1, -1, -1))
+        more = self.recovery.missed(comeback.found, seen, namespace, rooms=rooms,
+                                    until=offset(now, END), bounded=False)
+        return (None if more is None else packets + more), now
 
     def apply_in_order(self, commands: list) -> None:
         """Apply commands read from the streams, as one step a returning client's replay
