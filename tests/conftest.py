@@ -1,4 +1,5 @@
-"""Fixtures: a private redis-server for the session, and real nodes started in-process.
+"""Fixtures: a private redis-server for the session, real nodes started in-process, and real
+Redis Clusters.
 
 gevent patches the standard library here, before the tests import anything that opens a
 socket, the way every siocluster entry point does.
@@ -19,6 +20,7 @@ import pytest
 import redis
 
 from siocluster import AppNode, Config, IoNode
+from siocluster.embedded import EmbeddedRedisCluster
 from tests.helpers import EventClient, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +168,23 @@ def cluster(config):
     cluster = Cluster(config)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real Redis Cluster of the session's own: 3 masters, no replica."""
+    redis_cluster = EmbeddedRedisCluster(masters=3, replicas=0).start()
+    yield redis_cluster
+    redis_cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_replicated():
+    """A real Redis Cluster of the test's own whose masters may be killed: 3 masters with a
+    replica each, a master taken for failed after 1.5s."""
+    redis_cluster = EmbeddedRedisCluster(masters=3, replicas=1, node_timeout_ms=1500).start()
+    yield redis_cluster
+    redis_cluster.stop()
 
 
 def pytest_report_header(config):
