@@ -18,10 +18,9 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
 
     monkey.patch_all()
 
-import collections
 import os
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import gevent
 import gevent.event
@@ -32,24 +31,18 @@ from .app import App
 from .commands import Commands, HandlerContext, current, enter
 from .envelope import Envelope
 from .finisher import Finisher
-from .inbox import Inbox, Taken
+from .lanes import TAKE_MORE, Taking
 from .loader import as_app, load_app, wrong_server
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .reaper import Reaper
+from .shards import Inboxes
 from .streams import CommandStreams
 from .tasks import check_mode, start_cluster_task
 from .telemetry import AppTelemetry
 from .turn import Batch, Finish, Turn
 
-# Clients a worker takes at once when more wait, besides one, and messages of one client:
-# one round trip to take them and one to write all their commands halves the app-node's
-# CPU per message under load, while a batch stays short enough (a few ms of handlers) not
-# to delay its first acks.
-TAKE_MORE = 15
-PER_CLIENT = 16
 
-
-class AppNode(Finisher, AppTelemetry, Node):
+class AppNode(Finisher, Taking, AppTelemetry, Node):
     """Runs an `App` on the inbox.
 
     :param app: the `App` (or ``"module:attr"`` naming it; or a
@@ -79,25 +72,19 @@ class AppNode(Finisher, AppTelemetry, Node):
         if background_tasks is not None:
             self.app.background_tasks = check_mode(background_tasks)
         self.tasks = {}             # name -> the `ClusterTask` this node campaigns for
-        self.processing = self.keys.processing(self.id)
-        self.inbox = Inbox(self.redis, self.keys, c)
+        self.inbox = Inboxes(self.redis, self.keys, c)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
         self.commands = Commands(self.streams, self.state, self.keys, c.call_timeout,
                                  c.pop_timeout, self.id, self.logger)
-        self.commands.route_by_node = not self.recovery.enabled
+        # one io-node's commands on its own stream, unless a client may move (recovery) or
+        # the shards' streams keep each handler's commands in order (several shards)
+        self.commands.route_by_node = not self.recovery.enabled and len(self.keys.shards) == 1
         self.reaper = Reaper(self)
         self.handled = 0
         self.init_telemetry()
         self._batches = gevent.local.local()     # .current: the worker's `Batch`
-        self._taking = gevent.lock.Semaphore()   # one worker waits on the inbox at a time
-        self._more = False       # the last round trip saw clients waiting in the inbox
-        self._ready = collections.deque()   # turns taken, not started: for the next worker
-        self._busy = 0           # workers running handlers
-        self._inflight: Dict[str, int] = {}   # clients (sids) the workers hold right now
+        self._init_lanes()
         self._init_finisher()
-        # after a Redis blip: None, True (look at the processing list), or the set of
-        # clients no worker held at the first look (given back if still unheld at the next)
-        self._recover_due = None
 
     def start(self):
         require_gevent_patch("app-node")
@@ -107,8 +94,7 @@ class AppNode(Finisher, AppTelemetry, Node):
         pending, self.app.pending_tasks = self.app.pending_tasks, []
         for task in pending:        # cluster tasks started before any app-node ran the app
             start_cluster_task(self, task)
-        for n in range(self.config.workers):
-            self.spawn_loop(self._work_step, f"worker-{n}")
+        self._spawn_workers()
         self.spawn_loop(self._reap_step, "reaper")
         if self.app.admin is not None:      # app.instrument(): the Admin UI's server stats
             self.spawn_loop(self._admin_step, "admin")
@@ -127,10 +113,8 @@ class AppNode(Finisher, AppTelemetry, Node):
             task.join(1.0)          # each gives its lease up: a standby takes it at once
         try:
             self._give_back_ready()
-            # what is left in our processing list: its handler was killed
-            left = self.inbox.held(self.processing)
-            self.inbox.hand_back(self.processing, self.id, sids=left,
-                                 error=f"app-node {self.id} stopped before its handler finished")
+            left = self._hand_back_held(f"app-node {self.id} stopped before its handler "
+                                        "finished")
         except REDIS_DOWN:
             # still registered: once our heartbeat lapses the reaper hands them over
             self.logger.warning("app-node %s stopped without Redis: the reaper will hand its "
@@ -138,84 +122,11 @@ class AppNode(Finisher, AppTelemetry, Node):
             return
         if left:
             self.logger.warning("app-node %s: %d handler(s) still running after %.1fs; their "
-                                "clients went back to the inbox", self.id, len(left), timeout)
+                                "clients went back to the inbox", self.id, left, timeout)
         super().stop(0.1)
         self.stop_http()
 
     # ---- taking clients ---------------------------------------------------------------------
-
-    def _work_step(self):
-        first = self._next_turn()
-        if first is None:
-            return
-        self._busy += 1
-        try:
-            self.handle_batch([first])
-        finally:
-            self._busy -= 1
-
-    def _next_turn(self) -> Optional[Turn]:
-        """The next turn for this worker: one taken already and not started, else the
-        first of a take (the rest wait in `_ready` for this and idle workers)."""
-        while not self._ready:
-            with self._taking:
-                if self._ready:
-                    break        # another worker's take while this one waited its turn
-                if self.stopping.is_set():
-                    return None
-                turns = [Turn(taken) for taken in self._take()]
-                if not turns:
-                    return None
-                # registered before anything can yield, so `_recover` never takes them
-                for turn in turns:
-                    self._inflight[turn.sid] = self._inflight.get(turn.sid, 0) + 1
-                if self.stopping.is_set():
-                    # taken while stop() waited: not ours to start any more
-                    self._give_back(turns)
-                    return None
-                self._ready.extend(turns[1:])
-                return turns[0]
-        return self._ready.popleft()
-
-    def _take(self) -> List[Taken]:
-        """Take as many clients as there are idle workers (all of `TAKE_MORE` + 1 while a
-        backlog waits) in one round trip. One worker at a time waits on the inbox, so
-        clients that arrive together are taken together (with many workers each blocked
-        on ``BLMOVE``, Redis would hand a burst out one per worker)."""
-        if self._more:
-            taken, self._more = self.inbox.take_waiting(self.processing, TAKE_MORE + 1,
-                                                        PER_CLIENT)
-            self._redis_back()
-            if taken:
-                return taken
-        wanted = min(TAKE_MORE + 1, self.config.workers - self._busy)
-        taken, self._more = self.inbox.take(self.processing, wanted, PER_CLIENT,
-                                            self.config.pop_timeout)
-        self._redis_back()
-        return taken
-
-    def _give_back(self, turns: List[Turn]) -> None:
-        try:
-            self.inbox.give_back(self.processing, [turn.sid for turn in turns])
-        finally:
-            # given back or not (Redis away), no worker holds them now: if they are still in
-            # the processing list when Redis returns, `_recover` gives them back
-            self._release(turn.sid for turn in turns)
-
-    def _give_back_ready(self) -> None:
-        """Turns taken and not started by any worker go back to the inbox."""
-        if self._ready:
-            unstarted, self._ready = list(self._ready), collections.deque()
-            self._give_back(unstarted)
-
-    def _release(self, sids) -> None:
-        """Clients finished or given back are no longer held by this process."""
-        for sid in sids:
-            count = self._inflight.get(sid, 0)
-            if count > 1:
-                self._inflight[sid] = count - 1
-            else:
-                self._inflight.pop(sid, None)
 
     def _reap_step(self):
         period = self.config.heartbeat_interval / 2
@@ -234,25 +145,6 @@ class AppNode(Finisher, AppTelemetry, Node):
         self.app.admin.server_stats(self)
         self.stopping.wait(self.app.admin.interval)
 
-    def redis_returned(self) -> None:
-        self._recover_due = True
-
-    def _recover(self) -> None:
-        """After a Redis blip, give back the clients of our processing list that no worker
-        holds: a take whose reply was lost with the connection never reached a worker."""
-        if self._recover_due is None:
-            return
-        unheld = {sid for sid in self.inbox.held(self.processing) if sid not in self._inflight}
-        if self._recover_due is True:
-            # a take's reply may be on its way to a worker right now: look again next round
-            self._recover_due = unheld or None
-            return
-        orphans, self._recover_due = unheld & self._recover_due, None
-        self.inbox.give_back(self.processing, list(orphans))
-        if orphans:
-            self.logger.warning("app-node %s: %d client(s) taken while Redis went away went "
-                                "back to the inbox", self.id, len(orphans))
-
     # ---- handling ---------------------------------------------------------------------------
 
     def handle_batch(self, turns: List[Turn]) -> None:
@@ -269,12 +161,13 @@ class AppNode(Finisher, AppTelemetry, Node):
                     # here, written with the rest in one round trip. An idle worker gets
                     # the chance first: a slow handler of a turn run here would hold back
                     # the writes of those before it.
-                    if batch.messages() > TAKE_MORE or not self._ready:
+                    ready = batch.lane.ready
+                    if batch.messages() > TAKE_MORE or not ready:
                         break
                     gevent.sleep(0)
-                    if not self._ready:
+                    if not ready:
                         break
-                    batch.rest.append(self._ready.popleft())
+                    batch.rest.append(ready.popleft())
                 batch.current = batch.rest.pop(0)
                 self._run_turn(batch.current)
                 batch.done.append(batch.current)
@@ -315,14 +208,14 @@ class AppNode(Finisher, AppTelemetry, Node):
             envelope = Envelope.decode(raw)
         except Exception as exc:     # MessageError, or a field of the wrong type
             self.logger.error("app-node %s: malformed message moved to %s: %s (%.200r)",
-                              self.id, self.keys.dead, exc, raw)
+                              self.id, turn.lane.inbox.keys.dead, exc, raw)
             return Finish(raw, dead={"error": f"malformed: {exc}", "raw": raw})
         context = HandlerContext(self, envelope, turn)
         previous, mark = enter(context), turn.mark()
         try:
             if envelope.kind == "disconnect" and envelope.conn is not None \
-                    and self.redis.hget(self.keys.conns, envelope.sid) not in (None,
-                                                                              envelope.conn):
+                    and self.redis.hget(self.keys.shard(envelope.sid).conns, envelope.sid) \
+                    not in (None, envelope.conn):
                 # the end of a connection its client no longer uses: it came back on another
                 return Finish(raw, handled=True)
             started = time.perf_counter()
@@ -343,7 +236,8 @@ class AppNode(Finisher, AppTelemetry, Node):
             envelope.attempt += 1
             if envelope.attempt >= self.config.max_attempts:
                 self.logger.error("app-node %s: message %s failed %d times, moved to %s",
-                                  self.id, envelope.id, envelope.attempt, self.keys.dead)
+                                  self.id, envelope.id, envelope.attempt,
+                                  turn.lane.inbox.keys.dead)
                 self.stats.dead += 1
                 return Finish(raw, dead={"error": f"{exc.__class__.__name__}: {exc}",
                                          "raw": envelope.encode(),
@@ -366,7 +260,7 @@ class AppNode(Finisher, AppTelemetry, Node):
         batch: Optional[Batch] = getattr(self._batches, "current", None)
         if batch is not None and batch.rest:
             self._give_back(batch.take_rest())
-        if self._busy >= self.config.workers:
+        if batch is not None and batch.lane.busy >= batch.lane.workers:
             self._give_back_ready()
         context = current()
         commands = context.commands if context is not None and context.node is self else []
@@ -376,7 +270,8 @@ class AppNode(Finisher, AppTelemetry, Node):
             self._finish_once(done, running, commands)
             self._settle(done)
         elif commands:
-            self.streams.send(commands)
+            self.streams.send(commands, running.lane.inbox.keys
+                              if running is not None and running.lane else None)
         del commands[:]
 
 
@@ -398,9 +293,9 @@ def main(argv=None) -> None:
                              "once per cluster, handed over if its app-node dies (cluster)")
     config, args = Config.load(argv, parser=parser, role="app-node")
     logs.setup(config, "app-node")
-    node = AppNode(args.app, config, background_tasks=args.background_tasks)
-    logs.identify(node.id)
     try:
+        node = AppNode(args.app, config, background_tasks=args.background_tasks)
+        logs.identify(node.id)
         node.start()
     except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
         raise SystemExit(f"app-node: {exc}")

@@ -162,7 +162,7 @@ class Commands:
             self.state.leave_room(sid, namespace, room, pipe)
         node = self._seen.get(sid) if self.route_by_node else None
         if node is None and self.route_by_node:
-            pipe.hget(self.keys.clients, sid)
+            pipe.hget(self.keys.shard(sid).clients, sid)
         results = pipe.execute()
         if node is None and self.route_by_node and results[-1]:
             node = loads(results[-1]).get("node")
@@ -174,8 +174,12 @@ class Commands:
         (raises `CallTimeout`). Send the handler's earlier commands first."""
         timeout = self.call_timeout if timeout is None else timeout
         reply = self.keys.reply(new_id())
+        context = current()
+        turn = context.turn if context is not None else None
+        # with several shards, on the stream the handler's earlier commands went to
         self.streams.send([(self.node_of(sid, lookup=True),
-                            call_command(event, args, sid, namespace, reply))])
+                            call_command(event, args, sid, namespace, reply))],
+                          turn.lane.inbox.keys if turn is not None and turn.lane else None)
         deadline = time.monotonic() + timeout
         # short blocking pops keep each one under the socket timeout
         while True:

@@ -36,7 +36,7 @@ ENV_PREFIX = "SIOCLUSTER_"
 # environment or command line may serve several kinds of node), only not listed.
 COMMON_SETTINGS = {"redis_url", "redis_host", "redis_port", "redis_password", "redis_username",
                    "redis_database", "prefix", "http_host", "http_port", "node_id", "log_level",
-                   "log_format", "heartbeat_interval", "node_ttl"}
+                   "log_format", "heartbeat_interval", "node_ttl", "shards"}
 ROLE_SETTINGS = {
     "app-node": {"workers", "pop_timeout", "max_attempts", "call_timeout", "dead_maxlen",
                  "dead_record_size", "stream_maxlen", "recovery_window"},
@@ -60,8 +60,9 @@ def _field(default, help, *, seed=None, flag=True):
 class Config:
     """Settings of one siocluster node. Unknown keys are refused.
 
-    :param redis_url: ``redis://``, ``rediss://`` (TLS), ``unix://`` or
-        ``redis+sentinel://[user:pass@]host:port[,host:port]/service[/db]``. When empty it
+    :param redis_url: ``redis://``, ``rediss://`` (TLS), ``unix://``,
+        ``redis+sentinel://[user:pass@]host:port[,host:port]/service[/db]`` or
+        ``redis+cluster://[user:pass@]host:port[,host:port]`` (``rediss+cluster://``). When empty it
         is built from the seed's ``REDIS_HOST``/``REDIS_PORT``/... keys, or defaults to
         ``redis://localhost:6379/0``.
     :param prefix: prefix of every Redis key, so several clusters can share one Redis.
@@ -69,7 +70,8 @@ class Config:
         frontend-node lists the io-nodes alive right now.
     """
 
-    redis_url: Optional[str] = _field(None, "Redis URL (redis://, rediss://, redis+sentinel://)")
+    redis_url: Optional[str] = _field(None, "Redis URL (redis://, rediss://, "
+                                    "redis+sentinel://, redis+cluster://)")
     redis_host: Optional[str] = _field(None, "Redis host (seed key)", seed="REDIS_HOST")
     redis_port: Optional[int] = _field(None, "Redis port (seed key)", seed="REDIS_PORT")
     redis_password: Optional[str] = _field(None, "Redis password (seed key)",
@@ -80,6 +82,9 @@ class Config:
     redis_options: dict = _field(None, "extra redis-py client options",
                                  flag=False)
     prefix: str = _field(defaults.PREFIX, "prefix of every Redis key of this cluster")
+    shards: int = _field(0, "shards of the inbox and command streams, the same on every "
+                            f"node (0: 1 on one Redis, {defaults.CLUSTER_SHARDS} on a Redis "
+                            "Cluster)")
 
     http_host: str = _field(defaults.HTTP_HOST, "address to listen on", seed="HTTP_HOST")
     http_port: int = _field(defaults.HTTP_PORT, "port to listen on", seed="HTTP_PORT")
@@ -295,6 +300,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()}: must be above 0, not {getattr(self, name)}")
+        if not 0 <= self.shards <= 1024:
+            raise ConfigError(f"SHARDS: must be 0 (the default) to 1024, not {self.shards}")
         if self.rate_limit < 0:
             raise ConfigError(f"RATE_LIMIT: must be 0 (off) or above, not {self.rate_limit}")
         if self.recovery_window < 0:
@@ -330,6 +337,18 @@ class Config:
             auth += "@"
         return (f"redis://{auth}{self.redis_host or 'localhost'}:{self.redis_port or 6379}"
                 f"/{self.redis_database or 0}")
+
+    @property
+    def on_redis_cluster(self) -> bool:
+        return "+cluster" in self.effective_redis_url.partition("://")[0]
+
+    def keys(self):
+        """The cluster's `state.Keys`: its prefix, and its shards on this kind of Redis."""
+        from .state import Keys
+
+        cluster = self.on_redis_cluster
+        shards = self.shards or (defaults.CLUSTER_SHARDS if cluster else 1)
+        return Keys(self.prefix, shards, cluster)
 
     def redis_client(self, **options):
         """A redis-py client for this cluster, built from the URL and ``redis_options``."""

@@ -16,27 +16,44 @@ from . import defaults
 from .errors import ConfigError
 from .net import port_number
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel",
+                 "redis+cluster", "rediss+cluster")
+
+
+def _hosts(url: str, netloc: str, default_port: int, what: str) -> list:
+    hosts = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, _, port = item.partition(":")
+        if not host:
+            raise ConfigError(f"REDIS_URL: {url!r} names no {what} host")
+        hosts.append((host, port_number(port or default_port, "REDIS_URL")))
+    return hosts
+
+
+def _auth(parts) -> dict:
+    return {"username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+            "ssl": parts.scheme.startswith("rediss")}
 
 
 def parse_redis_url(url: str) -> dict:
     """Check a Redis URL and return its parts; raises `ConfigError` for a malformed one."""
     try:
         parts = urlsplit(url)
-        if "sentinel" not in parts.scheme:
+        if "+" not in parts.scheme:
             parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(f"REDIS_URL: {url!r} is malformed ({exc})")
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(f"REDIS_URL: {url!r} has scheme {parts.scheme!r}; "
                           f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+    if parts.scheme.endswith("cluster"):
+        if parts.path.strip("/") not in ("", "0"):
+            raise ConfigError(f"REDIS_URL: {url!r} names database {parts.path.strip('/')!r}; "
+                              "Redis Cluster has database 0 only")
+        return {"seeds": _hosts(url, parts.netloc, 6379, "cluster"), **_auth(parts)}
     if parts.scheme.endswith("sentinel"):
-        hosts = []
-        for item in parts.netloc.rpartition("@")[2].split(","):
-            host, _, port = item.partition(":")
-            if not host:
-                raise ConfigError(f"REDIS_URL: {url!r} names no sentinel host")
-            hosts.append((host, port_number(port or 26379, "REDIS_URL")))
+        hosts = _hosts(url, parts.netloc, 26379, "sentinel")
         path = [p for p in parts.path.split("/") if p]
         if not path:
             raise ConfigError(f"REDIS_URL: {url!r} needs the sentinel service name: "
@@ -44,10 +61,7 @@ def parse_redis_url(url: str) -> dict:
         db = path[1] if len(path) > 1 else "0"
         if not db.isdigit():
             raise ConfigError(f"REDIS_URL: database {db!r} in {url!r} is not a number")
-        return {"sentinels": hosts, "service": path[0], "db": int(db),
-                "username": unquote(parts.username) if parts.username else None,
-                "password": unquote(parts.password) if parts.password else None,
-                "ssl": parts.scheme.startswith("rediss")}
+        return {"sentinels": hosts, "service": path[0], "db": int(db), **_auth(parts)}
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"REDIS_URL: {url!r} names no host")
     db = parts.path.strip("/")
@@ -56,8 +70,14 @@ def parse_redis_url(url: str) -> dict:
     return {"scheme": parts.scheme}
 
 
+def is_cluster(client) -> bool:
+    """Whether a redis-py client talks to a Redis Cluster."""
+    return hasattr(client, "nodes_manager")
+
+
 def make_redis(url: str, options: Optional[dict] = None):
-    """A redis-py client with timeouts fit for blocking pops and health checks."""
+    """A redis-py client with timeouts fit for blocking pops and health checks; on a Redis
+    Cluster (``redis+cluster://``), a `slots.ClusterClient`."""
     import redis
     from redis.sentinel import Sentinel
 
@@ -73,6 +93,11 @@ def make_redis(url: str, options: Optional[dict] = None):
     }
     opts.update(options or {})
     parts = parse_redis_url(url)
+    if "seeds" in parts:
+        from .slots import make_cluster_client
+
+        auth = {k: parts[k] for k in ("username", "password") if parts[k]}
+        return make_cluster_client(parts["seeds"], {**opts, **auth, "ssl": parts["ssl"]})
     if "sentinels" in parts:
         auth = {k: parts[k] for k in ("username", "password") if parts[k]}
         sentinel = Sentinel(parts["sentinels"], sentinel_kwargs=dict(auth),
@@ -99,7 +124,10 @@ class Direct:
     def __init__(self, client):
         import gevent.lock
 
-        self._pool = client.connection_pool
+        # on a Redis Cluster: a connection of its own to each master it sends to
+        self._router = client.router if is_cluster(client) else None
+        self._conns = {}
+        self._pool = None if self._router else client.connection_pool
         self._conn = None
         self._loaded = set()        # shas of the pipelines' scripts known loaded
         self._lock = gevent.lock.Semaphore()    # one round trip on the connection at a time
@@ -116,6 +144,14 @@ class Direct:
         in MULTI/EXEC when it is transactional); their raw replies, errors in place."""
         from redis.exceptions import NoScriptError
 
+        if self._router is not None:
+            self._router.load(pipe.scripts)
+            with self._lock:
+                replies = self._router.run(pipe.command_stack, transaction=pipe.transaction,
+                                           conns=self._conns)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                self._router.loaded.clear()
+            return replies
         for script in pipe.scripts:
             if script.sha not in self._loaded:
                 self.call("SCRIPT", "LOAD", script.script)
@@ -133,6 +169,8 @@ class Direct:
     def _run(self, commands: list) -> list:
 
         with self._lock:
+            if self._router is not None:
+                return self._router.run([(args, {}) for args in commands], conns=self._conns)
             return self._run_locked(commands)
 
     def _run_locked(self, commands: list) -> list:

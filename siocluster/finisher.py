@@ -68,8 +68,10 @@ class Finisher:
                 self.logger.exception("app-node %s: could not finish %d client(s); they go "
                                       "back to the inbox", self.id, len(done))
                 try:
-                    self.inbox.hand_back(self.processing, self.id, sids=[t.sid for t in done],
-                                         error=f"its finish failed: {exc!r}"[:500])
+                    for lane in self.lanes:
+                        lane.inbox.hand_back(lane.processing, self.id,
+                                             sids=[t.sid for t in done if t.lane is lane],
+                                             error=f"its finish failed: {exc!r}"[:500])
                 except REDIS_DOWN:
                     pass     # released below: `_recover` gives them back once Redis is back
                 for turn in done:
@@ -96,7 +98,8 @@ class Finisher:
         for result in results[plan.deferred:]:
             if isinstance(result, Exception):
                 raise result
-        self._more = results[plan.waiting] > 0
+        for lane, position in plan.waiting:
+            lane.more = results[position] > 0
         self.inbox.dropped(sum(results[position] for position in plan.dead_letters))
         self._written(running)
 
@@ -109,10 +112,12 @@ class Finisher:
 
     def _finish_unscripted(self, turns: List[Turn], running: Optional[Turn]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        self.inbox.finish(pipe, self.processing,
-                          [turn.done(release=turn is not running) for turn in turns])
+        for lane in self.lanes:
+            lane.more = True
+            mine = [turn.done(release=turn is not running) for turn in turns if turn.lane is lane]
+            if mine:
+                lane.inbox.finish(pipe, lane.processing, mine)
         pipe.execute()
-        self._more = True
         self._written(running)
 
     def _written(self, running: Optional[Turn]) -> None:

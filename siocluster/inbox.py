@@ -36,7 +36,6 @@ from redis.exceptions import NoScriptError
 
 from .connection import Direct
 from .envelope import Envelope, dumps
-from .state import Keys
 
 logger = logging.getLogger("siocluster.inbox")
 
@@ -254,11 +253,12 @@ class Inbox:
     The dead-letter list keeps the newest ``dead_maxlen`` records, each cut to about
     ``dead_record_size`` bytes."""
 
-    def __init__(self, redis, keys: Keys, config):
+    def __init__(self, redis, keys, config, share: int = 1):
         self.redis = redis
-        self.keys = keys
+        self.keys = keys        # a shard's (`ShardKeys`), or those of a cluster of one shard
         self.max_attempts = config.max_attempts
-        self.maxlen, self.max_bytes = config.inbox_maxlen, config.inbox_max_bytes
+        self.maxlen = max(1, config.inbox_maxlen // share)      # a shard's share of the bounds
+        self.max_bytes = max(1, config.inbox_max_bytes // share)
         self.client_maxlen = config.client_queue_maxlen
         self.dead_maxlen, self.dead_record_size = config.dead_maxlen, config.dead_record_size
         (self._push, self._take, self._finish, self._give_back, self._hand_back, self._dead,

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # an entry point: patch before anything imports sock
 
     monkey.patch_all()
 
+import functools
 import logging
 import time
 from typing import Callable, Dict, List, Optional
@@ -30,12 +31,12 @@ from .applier import CommandApplier
 from .engine import IoSocketServer
 from .entry import listen_error
 from .envelope import JSON, RESERVED_EVENTS, Envelope
-from .inbox import Inbox
 from .ioclient import Client, ClientEvents, safe_environ, same_host_origins, shown
 from .listener import IoHttpServer
 from .node import REDIS_DOWN, Node, require_gevent_patch
 from .outbox import INBOX_FULL, Outbox
 from .rejoin import Rejoin
+from .shards import Inboxes
 from .streams import CommandStreams
 from .telemetry import IoTelemetry
 from .transport import IoPacket
@@ -88,11 +89,11 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
         engine.hook_events(sio, self._on_event)     # events with their ack id
         self.wsgi_app = socketio.WSGIApp(sio)
         self.clients: Dict[str, Client] = {}
-        self.inbox = Inbox(self.redis, self.keys, c)
+        self.inbox = Inboxes(self.redis, self.keys, c)
         self.outbox = Outbox(self.inbox, self.state, c.outbox_size, c.outbox_max_bytes,
                              c.max_message_size, self.recovery)
         self.streams = CommandStreams(self.redis, self.keys, c.stream_maxlen)
-        self.reader = self.streams.reader(self.id, self.logger)
+        self.readers = self.streams.readers(self.id, self.logger)
         self.init_rejoin(sio)
         self.init_telemetry()
         self._pending_acks: Dict[str, tuple] = {}     # envelope id -> (eio_sid, ns, ack id, t)
@@ -119,11 +120,14 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
         require_gevent_patch("io-node")
         transport.use_fast_websocket_reads()
         self.check_redis()
-        self.reader.start()
-        self.applied = self.reader.last_ids[self.reader.streams[0]]
+        for reader in self.readers:
+            reader.start()
+        self.applied = [reader.last_ids[reader.streams[0]] for reader in self.readers]
         super().start()
         self.spawn_loop(self._push_step, "push")
-        self.spawn_loop(self._listen_step, "listen")
+        for reader in self.readers:     # one per shard's stream
+            self.spawn_loop(functools.partial(self._listen_step, reader),
+                            f"listen-{reader.shard}")
         self.spawn_loop(self._sweep_step, "sweep")
         self.logger.info("io-node %s started", self.id)
         return self
@@ -354,7 +358,8 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
     # ---- commands -> clients ----------------------------------------------------------------
 
     def redis_returned(self) -> None:
-        self.reader.check_due = True      # commands may have been trimmed meanwhile
+        for reader in self.readers:
+            reader.check_due = True       # commands may have been trimmed meanwhile
 
     def reaped(self) -> None:
         """The cluster took this io-node for dead and told the app tier its clients left:
@@ -385,10 +390,10 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
             except Exception:
                 self.logger.exception("io-node %s: closing %s", self.id, eio_sid)
 
-    def _listen_step(self):
-        commands = self.reader.read(defaults.COMMAND_BATCH, self.config.pop_timeout)
+    def _listen_step(self, reader):
+        commands = reader.read(defaults.COMMAND_BATCH, self.config.pop_timeout)
         self._redis_back()
-        self.apply_in_order(commands)
+        self.apply_in_order(commands, reader)
 
     def _sweep_step(self):
         """Forget acks nobody answered in time, so memory stays bounded."""
@@ -412,9 +417,9 @@ def main(argv=None) -> None:
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
     config, _ = Config.load(argv, parser=parser, role="io-node")
     logs.setup(config, "io-node")
-    node = IoNode(config)
-    logs.identify(node.id)
     try:
+        node = IoNode(config)
+        logs.identify(node.id)
         node.check_redis()
     except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
         raise SystemExit(f"io-node: {exc}")

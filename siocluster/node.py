@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import defaults, observe
 from .config import Config, as_config
 from .recovery import Recovery
-from .state import ClusterState, Keys
+from .state import ClusterState
 
 # what a node's loops take for "Redis is unreachable": back off and try again
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -67,7 +67,7 @@ class Node:
         self.id = self.config.make_node_id(self.role)
         self.logger = logging.getLogger(f"siocluster.{self.role}")
         self.redis = redis if redis is not None else self.config.redis_client()
-        self.keys = Keys(self.config.prefix)
+        self.keys = self.config.keys()
         self.state = ClusterState(self.redis, self.keys)
         self.recovery = Recovery(self.redis, self.keys, self.config)
         self.stopping = gevent.event.Event()
@@ -112,6 +112,20 @@ class Node:
         except REDIS_DOWN as exc:
             raise RuntimeError(f"cannot reach Redis at {shown}: {exc}. Start redis-server, "
                                "or set SIOCLUSTER_REDIS_URL / --redis-url to where it runs.")
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """The shards this node lays keys out in must be the cluster's: the first node to
+        start records them, every later one checks."""
+        count = len(self.keys.shards)
+        self.redis.set(self.keys.layout, count, nx=True)
+        stored = self.redis.get(self.keys.layout)
+        if stored != str(count):
+            raise RuntimeError(
+                f"SHARDS: this {self.role} lays the keys of prefix {self.config.prefix!r} out "
+                f"in {count} shard(s), but the cluster's are in {stored}: every node of one "
+                "cluster needs the same SHARDS setting and the same kind of Redis (one "
+                "Redis or Redis Cluster)")
 
     def start(self):
         """Start the node's loops in greenlets; returns self."""

@@ -118,8 +118,7 @@ class Reaper:
     def reap_app_node(self, node: str) -> Dict[str, int]:
         """Hand the clients a dead app-node was handling to the others."""
         # a processing list is small: at most a take (16 clients) per worker of its app-node
-        inbox, dead = self.inbox.hand_back(self.keys.processing(node), node,
-                                           error=f"app-node {node} died while handling it")
+        inbox, dead = self.inbox.hand_back(node, error=f"app-node {node} died while handling it")
         if inbox or dead:
             self.logger.warning("reaper on %s: %d client(s) of dead app-node %s back in the "
                                 "inbox, %d dead-lettered (tried %d times)", self.node.id,
@@ -129,9 +128,19 @@ class Reaper:
     def reap_io_node(self, node: str) -> int:
         """Tell the app tier that every client of a dead io-node disconnected."""
         sent = 0
-        sids = list(self.redis.sscan_iter(self.keys.node_clients(node), count=500))
+        for shard in self.keys.shards:
+            sent += self._reap_io_node_shard(node, shard)
+        self.logger.warning("reaper on %s: dead io-node %s held %d client(s); their "
+                            "disconnects are in the inbox%s", self.node.id, node, sent,
+                            ", or parked for them to come back as themselves"
+                            if self.node.recovery.enabled else "")
+        return sent
+
+    def _reap_io_node_shard(self, node: str, shard) -> int:
+        sent = 0
+        sids = list(self.redis.sscan_iter(shard.node_clients(node), count=500))
         for batch in chunks(sids, 500):
-            records = self.redis.hmget(self.keys.clients, batch)
+            records = self.redis.hmget(shard.clients, batch)
             pipe = self.redis.pipeline(transaction=False)
             stale = []
             for sid, raw in zip(batch, records):
@@ -148,26 +157,24 @@ class Reaper:
                 else:
                     self.inbox.push_disconnect(node, sid, envelope.encode(), pipe)
             if stale:
-                pipe.srem(self.keys.node_clients(node), *stale)
+                pipe.srem(shard.node_clients(node), *stale)
             results = pipe.execute()
             sent += sum(1 for result in results[:len(results) - bool(stale)] if result == 1)
-        self.logger.warning("reaper on %s: dead io-node %s held %d client(s); their "
-                            "disconnects are in the inbox%s", self.node.id, node, sent,
-                            ", or parked for them to come back as themselves"
-                            if self.node.recovery.enabled else "")
         return sent
 
     def expire_parked(self) -> int:
         """Push the disconnect of every parked client whose window closed."""
         pushed = 0
-        while True:
-            due = self.node.recovery.due()
-            if not due:
-                return pushed
-            pipe = self.redis.pipeline(transaction=False)
-            for sid, raw in due:
-                self.inbox.push_disconnect("", sid, raw, pipe, parked=True)
-                pipe.hdel(self.keys.parked_disconnects, sid)
-            pushed += sum(1 for result in pipe.execute()[::2] if result == 1)
-            if len(due) < 500:
-                return pushed
+        for shard in self.keys.shards:
+            while True:
+                due = self.node.recovery.due(shard)
+                if not due:
+                    break
+                pipe = self.redis.pipeline(transaction=False)
+                for sid, raw in due:
+                    self.inbox.push_disconnect("", sid, raw, pipe, parked=True)
+                    pipe.hdel(shard.parked_disconnects, sid)
+                pushed += sum(1 for result in pipe.execute()[::2] if result == 1)
+                if len(due) < 500:
+                    break
+        return pushed

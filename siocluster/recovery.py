@@ -23,10 +23,11 @@ that connection may park it, and a disconnect of an older one is not the client 
     recovery.claim(found, conn, node)                       # it is ours now
 """
 
+import heapq
 import hmac
 import secrets
 import time
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .envelope import MessageError, decode_batch, dumps
 from .state import Keys, parse_record
@@ -34,6 +35,7 @@ from .state import Keys, parse_record
 # What ends a connection without the client meaning to leave: python-socketio's reasons.
 RECOVERABLE = frozenset({"transport close", "transport error", "ping timeout"})
 SCAN = 500          # stream entries read per round trip while looking for missed packets
+END = 1 << 30       # an index past any entry's last command: "the whole entry"
 
 # Park a client whose connection dropped, only while that connection is still its own and
 # its io-node still holds it. KEYS: conns, node-clients, parked, parked disconnects; ARGV:
@@ -90,15 +92,45 @@ def offset(entry_id: str, index: int) -> str:
 
 
 def parse_offset(value) -> Optional[Tuple[int, int, int]]:
-    """``(ms, seq, index)`` of an offset (index -1: the whole entry was seen), or None."""
+    """``(ms, seq, index)`` of an offset (no index: the whole entry, `END`), or None."""
     if not isinstance(value, str) or len(value) > 64:
         return None
     entry, _, index = value.partition(".")
     ms, _, seq = entry.partition("-")
     try:
-        return int(ms), int(seq), int(index) if index else -1
+        return int(ms), int(seq), int(index) if index else END
     except ValueError:
         return None
+
+
+# With several shards, an offset is a **position**: one offset per shard's stream, comma
+# separated, each what the client saw of that stream. An io-node applies each stream in
+# order, so a client that received a packet received every packet applied before it: the
+# position of a packet is the io-node's last entry applied in every other stream. With one
+# shard a position is a plain offset.
+
+Position = List[Tuple[int, int, int]]
+
+
+def parse_position(value, shards: int) -> Optional[Position]:
+    """The per-shard offsets of a position, or None when it is not one of ``shards``."""
+    if not isinstance(value, str) or len(value) > 64 * shards:
+        return None
+    parts = [parse_offset(part) for part in value.split(",")]
+    return parts if len(parts) == shards and None not in parts else None
+
+
+def position(offsets: Sequence[Tuple[int, int, int]]) -> str:
+    return ",".join(f"{ms}-{seq}" + ("" if index >= END else f".{index}")
+                    for ms, seq, index in offsets)
+
+
+def later(a: str, b, shards: int) -> str:
+    """The position past both ``a`` and ``b`` (``b`` ignored unless a position)."""
+    first, second = parse_position(a, shards), parse_position(b, shards)
+    if first is None or second is None:
+        return a
+    return position([max(x, y) for x, y in zip(first, second)])
 
 
 class Recovery:
@@ -129,27 +161,30 @@ class Recovery:
         ``node``; ``conn`` '' for any) with its disconnect ``envelope`` until the window
         closes. Its reply is 1 when parked, 0 when the client was no longer there."""
         deadline = int((time.time() + self.window) * 1000)
-        self._park(keys=[self.keys.conns, self.keys.node_clients(node), self.keys.parked,
-                         self.keys.parked_disconnects],
+        k = self.keys.shard(sid)
+        self._park(keys=[k.conns, k.node_clients(node), k.parked, k.parked_disconnects],
                    args=[sid, conn, deadline, envelope], client=pipe)
 
-    def due(self, now: Optional[float] = None, count: int = 500) -> List[Tuple[str, str]]:
-        """Parked clients whose window closed, with their disconnect envelopes."""
+    def due(self, shard=None, now: Optional[float] = None, count: int = 500
+            ) -> List[Tuple[str, str]]:
+        """Parked clients of a shard (its `ShardKeys`; the first) whose window closed, with their
+        disconnect envelopes."""
+        shard = shard if shard is not None else self.keys.shards[0]
         now_ms = int((time.time() if now is None else now) * 1000)
-        sids = self.redis.zrangebyscore(self.keys.parked, "-inf", now_ms, start=0, num=count)
+        sids = self.redis.zrangebyscore(shard.parked, "-inf", now_ms, start=0, num=count)
         if not sids:
             return []
-        raws = self.redis.hmget(self.keys.parked_disconnects, sids)
+        raws = self.redis.hmget(shard.parked_disconnects, sids)
         lost = [sid for sid, raw in zip(sids, raws) if not raw]
         if lost:
             # no envelope to push (written by hand?): nothing to wait for
-            self.redis.zrem(self.keys.parked, *lost)
+            self.redis.zrem(shard.parked, *lost)
         return [(sid, raw) for sid, raw in zip(sids, raws) if raw]
 
     def end_now(self, sid: str) -> None:
         """Close a parked client's window now (the app disconnected it): the reaper's next
         pass pushes its disconnect."""
-        self.redis.zadd(self.keys.parked, {sid: 0}, xx=True)
+        self.redis.zadd(self.keys.shard(sid).parked, {sid: 0}, xx=True)
 
     # ---- a client comes back ----------------------------------------------------------------
 
@@ -158,7 +193,7 @@ class Recovery:
         if not isinstance(pid, str) or "." not in pid or len(pid) > 200:
             return None
         sid = pid.partition(".")[0]
-        raw = self.redis.hget(self.keys.clients, sid)
+        raw = self.redis.hget(self.keys.shard(sid).clients, sid)
         record = parse_record(raw)
         if record is None or not isinstance(record.get("pid"), str) \
                 or not hmac.compare_digest(record["pid"], pid):
@@ -168,7 +203,7 @@ class Recovery:
     def claim(self, found: Returning, conn: str, node: str) -> Optional[str]:
         """Make ``found`` the client of connection ``conn`` at io-node ``node``; returns the
         connection it had ('' when parked or unknown), None when it was gone meanwhile."""
-        k = self.keys
+        k = self.keys.shard(found.sid)
         ok, old = self._claim(keys=[k.clients, k.conns, k.parked, k.parked_disconnects,
                                     k.node_clients(found.record.get("node") or ""),
                                     k.node_clients(node)],
@@ -178,38 +213,49 @@ class Recovery:
     def missed(self, found: Returning, client_offset, namespace: str, rooms=None,
                until: Optional[str] = None, bounded: bool = True
                ) -> Optional[List[Tuple[dict, str]]]:
-        """The emits ``found`` missed since its offset (or since it connected, whichever is
-        later), each with its offset, in order; None when it cannot be told exactly (the
-        stream was trimmed past it, the offset is not ours) or it missed more than the
-        bounds allow (``bounded``), or the app disconnected it meanwhile. ``rooms`` are its
-        rooms, its sid included (read when not given); ``until`` (an offset) stops early."""
-        start = parse_offset(found.record.get("since") or "0-0")
-        given = parse_offset(client_offset) if client_offset is not None else None
+        """The emits ``found`` missed since its position (or since it connected, whichever
+        is later), each with its position, in order; None when it cannot be told exactly
+        (a stream was trimmed past it, the position is not ours) or it missed more than
+        the bounds allow (``bounded``), or the app disconnected it meanwhile. ``rooms`` are
+        its rooms, its sid included (read when not given); ``until`` (a position) stops
+        early."""
+        shards = self.keys.shards
+        start = parse_position(found.record.get("since") or ",".join(["0-0"] * len(shards)),
+                               len(shards))
+        given = parse_position(client_offset, len(shards)) \
+            if client_offset is not None else None
         if start is None or (client_offset is not None and given is None):
             return None
-        if given is not None and given > start:
-            start = given
-        if not self._unbroken(start):
+        if given is not None:
+            start = [max(a, b) for a, b in zip(start, given)]
+        stops = parse_position(until, len(shards)) if until else [None] * len(shards)
+        if stops is None or not all(self._unbroken(shard.commands, at)
+                                    for shard, at in zip(shards, start)):
             return None
         if rooms is None:
-            rooms = set(self.redis.smembers(self.keys.client_rooms(found.sid)))
+            rooms = set(self.redis.smembers(self.keys.shard(found.sid).client_rooms(found.sid)))
             rooms.add(found.sid)
         out: List[Tuple[dict, str]] = []
         size = 0
-        for entry_id, index, command in self.commands_after(start, until):
+        # the shards' streams merged by time; every command passed, sent or not for this
+        # client, moves its stream's part of the position
+        at = list(start)
+        for key, command in heapq.merge(*(self.commands_after(shard, start[shard.index],
+                                                              stops[shard.index])
+                                          for shard in shards)):
+            at[key[2]] = (key[0], key[1], key[3])
             if command.get("m") == "disconnect" and command.get("sid") == found.sid:
                 return None
             if not reaches(command, found.sid, namespace, rooms):
                 continue
-            out.append((command, offset(entry_id, index)))
+            out.append((command, position(at)))
             size += len(dumps(command))
             if bounded and (len(out) > self.max_packets or size > self.max_bytes):
                 return None
         return out
 
-    def _unbroken(self, start: Tuple[int, int, int]) -> bool:
+    def _unbroken(self, stream: str, start: Tuple[int, int, int]) -> bool:
         """Whether every entry after ``start`` is still in the stream."""
-        stream = self.keys.commands
         if start[:2] == (0, 0):
             try:
                 info = self.redis.xinfo_stream(stream)
@@ -220,14 +266,14 @@ class Recovery:
         entry = f"{start[0]}-{start[1]}"
         return bool(self.redis.xrange(stream, entry, entry, count=1))
 
-    def commands_after(self, start: Tuple[int, int, int],
-                       until: Optional[str] = None) -> Iterator[Tuple[str, int, dict]]:
-        """``(entry id, index, command)`` of the shared stream after ``start``, in order,
-        up to ``until`` (an offset) when given."""
-        stop = parse_offset(until) if until else None
+    def commands_after(self, shard, start: Tuple[int, int, int],
+                       stop: Optional[Tuple[int, int, int]] = None
+                       ) -> Iterator[Tuple[tuple, dict]]:
+        """``((ms, seq, shard, index), command)`` of a shard's stream after ``start``, in
+        order, up to ``stop`` when given."""
         low = f"{start[0]}-{start[1]}"          # inclusive: the rest of a half-seen entry
         while True:
-            items = self.redis.xrange(self.keys.commands, low, "+", count=SCAN)
+            items = self.redis.xrange(shard.commands, low, "+", count=SCAN)
             for entry_id, fields in items:
                 ms, _, seq = entry_id.partition("-")
                 try:
@@ -240,7 +286,7 @@ class Recovery:
                         continue
                     if stop is not None and at > stop:
                         return
-                    yield entry_id, index, command
+                    yield (at[0], at[1], shard.index, index), command
             if len(items) < SCAN:
                 return
             low = "(" + items[-1][0]

@@ -19,14 +19,12 @@ import gevent.lock
 from . import engine, transport
 from .envelope import args_to_data, let_go_command, unpack_args
 from .node import REDIS_DOWN
-from .recovery import RECOVERABLE, Returning, new_pid, offset, parse_offset
-
-END = 1 << 30        # an index past any entry's last command: "the whole entry"
+from .recovery import RECOVERABLE, Returning, later, new_pid
 
 
 class Comeback(NamedTuple):
-    """A client coming back on a connection: who it was, the offset it said it saw, and
-    what it missed up to entry ``until`` of the shared stream (read when it was claimed)."""
+    """A client coming back on a connection: who it was, the position it said it saw, and
+    what it missed up to position ``until`` (read when it was claimed)."""
 
     found: Returning
     offset: Optional[str]
@@ -36,7 +34,7 @@ class Comeback(NamedTuple):
 
 class Rejoin:
     """Connection-state recovery on an io-node. `IoNode` provides ``sio``, ``recovery``,
-    ``clients``, ``state``, ``streams``, ``reader``, ``outbox``,
+    ``clients``, ``state``, ``streams``, ``readers``, ``outbox``,
     ``_closing``, ``logger`` and ``id``."""
 
     def init_rejoin(self, sio) -> None:
@@ -44,11 +42,13 @@ class Rejoin:
         self.recovering = self.recovery.enabled and isinstance(sio, engine.IoSocketServer)
         if self.recovering:
             sio.recovery = self
-            self.reader.offsets = True
+            for reader in self.readers:
+                reader.offsets = True
         self._comebacks: Dict[Tuple[str, str], Comeback] = {}
         self._quiet: Set[str] = set()      # connections dropped because their client is back
         self._applying = gevent.lock.Semaphore()     # held while commands are applied
-        self.applied = "0-0"               # the last entry of the shared stream applied
+        # the last entry applied of each shard's stream every io-node reads
+        self.applied = ["0-0"] * len(self.readers if len(self.readers) > 1 else [0])
 
     # ---- IoSocketServer's hooks ---------------------------------------------------------
 
@@ -75,8 +75,8 @@ class Rejoin:
             self.logger.info("io-node %s: a client came back with an unknown or expired "
                              "private id: it connects as a new client", self.id)
             return None
-        until = self.applied
-        packets = self.recovery.missed(found, seen, namespace, until=offset(until, END))
+        until = ",".join(self.applied)
+        packets = self.recovery.missed(found, seen, namespace, until=until)
         if packets is None:
             self.logger.info("io-node %s: %s came back, but what it missed cannot be told "
                              "exactly (too much, or gone from the stream): it connects as a "
@@ -101,7 +101,7 @@ class Rejoin:
         client.pid = old.get("pid") or new_pid(client.sid)
         envelope.conn, envelope.recovered = client.eio_sid, comeback is not None
         return comeback, {"pid": client.pid, "conn": client.eio_sid,
-                          "since": old.get("since") or self.applied}
+                          "since": old.get("since") or ",".join(self.applied)}
 
     def parked(self, client, envelope, reason, closing: bool) -> bool:
         """At a disconnect: park a client that did not mean to leave (it may come back as
@@ -167,29 +167,36 @@ class Rejoin:
     def _read_on(self, comeback: Comeback, packets, until: str, namespace: str, rooms):
         """``packets`` and what reaches the client in the entries applied after ``until``,
         with the entry applied last; None when what it missed is lost."""
-        now = self.applied
+        now = ",".join(self.applied)
         if packets is None or now == until:
             return packets, until
         # from what it saw, should that be past what this io-node had applied
-        seen = max((offset(until, END), comeback.offset),
-                   key=lambda at: parse_offset(at) or (-1, -1, -1))
+        seen = later(until, comeback.offset, len(self.applied))
         more = self.recovery.missed(comeback.found, seen, namespace, rooms=rooms,
-                                    until=offset(now, END), bounded=False)
+                                    until=now, bounded=False)
         return (None if more is None else packets + more), now
 
-    def apply_in_order(self, commands: list) -> None:
-        """Apply commands read from the streams, as one step a returning client's replay
-        never interleaves with."""
-        before = self.applied
+    def apply_in_order(self, commands: list, reader) -> None:
+        """Apply commands ``reader`` read, as one step a returning client's replay, or
+        another shard's commands, never interleave with."""
+        shard = reader.shard
+        before = self.applied[shard]
         with self._applying:
+            sharded = len(self.applied) > 1
             for command in commands:
+                if sharded and "@" in command:
+                    # its position: where every shard's stream is applied up to
+                    at = list(self.applied)
+                    at[shard] = command["@"]
+                    command["@"] = ",".join(at)
                 try:
                     self.apply(command)
                 except Exception:
                     self.logger.exception("io-node %s: command %r failed", self.id, command)
-            self.applied = self.reader.last_ids.get(self.reader.streams[0], self.applied)
+            self.applied[shard] = reader.last_ids.get(reader.streams[0], before)
         if commands:
-            self.count_applied(commands, self.applied if self.applied != before else None)
+            self.count_applied(commands, self.applied[shard]
+                               if self.applied[shard] != before else None)
 
     # ---- the old connection -------------------------------------------------------------
 
@@ -201,7 +208,9 @@ class Rejoin:
                 # before python-socketio gives the sid to the new connection
                 self.let_go(old)
         elif node:
-            self.streams.send([(node, let_go_command(found.sid, old, namespace))])
+            # on the client's shard's stream when there are several (every io-node reads it)
+            self.streams.send([(node, let_go_command(found.sid, old, namespace))],
+                              self.state.keys.shard(found.sid))
 
     def let_go(self, eio_sid: str) -> None:
         """Drop a connection whose client came back on another, without a disconnect."""

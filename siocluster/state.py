@@ -15,26 +15,28 @@ from typing import Dict, Iterable, List, Optional
 from .envelope import dumps, parse
 
 
-class Keys:
-    """Every Redis key of one cluster, under its prefix."""
+class ShardKeys:
+    """The keys of one shard: everything about the clients of the shard (queue, session,
+    record, rooms), its ready list, the processing lists of its clients, its command stream.
+    On a Redis Cluster they share one hash tag, so a shard's scripts touch one slot; on one
+    Redis with one shard they are the cluster's keys of old, ``<prefix>:ready`` and so on."""
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.ready = f"{prefix}:ready"                # list: clients waiting for an app-node
-        self.queue_prefix = f"{prefix}:queue:"        # list per client: its messages, in order
-        self.inbox_size = f"{prefix}:inbox-size"      # hash: messages and bytes in the queues
-        self.session_prefix = f"{prefix}:session:"
-        self.dead = f"{prefix}:dead"                  # list: envelopes that failed too often
-        self.commands = f"{prefix}:commands"          # stream: commands for every io-node
-        self.command_seq = f"{prefix}:command-seq"    # counter: numbers every stream entry
-        self.clients = f"{prefix}:clients"            # hash: sid -> client record
-        self.nodes = f"{prefix}:nodes"                # hash: node id -> node info
-        self.room_prefix = f"{prefix}:room:"
-        self.client_rooms_prefix = f"{prefix}:rooms:"
-        self.reaper_lock = f"{prefix}:reaper"         # string: one reaper pass at a time
-        self.conns = f"{prefix}:conns"                # hash: sid -> its connection right now
-        self.parked = f"{prefix}:parked"              # zset: sid -> when its window closes
-        self.parked_disconnects = f"{prefix}:parked-disconnects"   # hash: sid -> envelope
+    def __init__(self, base: str, index: int = 0):
+        self.index = index
+        self.base = base
+        self.ready = f"{base}:ready"                  # list: clients waiting for an app-node
+        self.queue_prefix = f"{base}:queue:"          # list per client: its messages, in order
+        self.inbox_size = f"{base}:inbox-size"        # hash: messages and bytes in the queues
+        self.session_prefix = f"{base}:session:"
+        self.dead = f"{base}:dead"                    # list: envelopes that failed too often
+        self.commands = f"{base}:commands"            # stream: commands for every io-node
+        self.command_seq = f"{base}:command-seq"      # counter: numbers every stream entry
+        self.clients = f"{base}:clients"              # hash: sid -> client record
+        self.room_prefix = f"{base}:room:"
+        self.client_rooms_prefix = f"{base}:rooms:"
+        self.conns = f"{base}:conns"                  # hash: sid -> its connection right now
+        self.parked = f"{base}:parked"                # zset: sid -> when its window closes
+        self.parked_disconnects = f"{base}:parked-disconnects"   # hash: sid -> envelope
 
     def queue(self, sid: str) -> str:
         """List of one client's messages, the oldest at the right end."""
@@ -42,21 +44,13 @@ class Keys:
 
     def processing(self, app_node: str) -> str:
         """List of the clients (sids) whose messages one app-node is handling right now."""
-        return f"{self.prefix}:processing:{app_node}"
-
-    def node_commands(self, node: str) -> str:
-        """Stream of commands meant for the clients of one io-node only."""
-        return f"{self.prefix}:commands:{node}"
-
-    def alive(self, node: str) -> str:
-        """Expiring key: exists while the node's heartbeat is fresh."""
-        return f"{self.prefix}:alive:{node}"
+        return f"{self.base}:processing:{app_node}"
 
     def node_clients(self, node: str) -> str:
-        return f"{self.prefix}:node-clients:{node}"
+        return f"{self.base}:node-clients:{node}"
 
     def namespace_clients(self, namespace: str) -> str:
-        return f"{self.prefix}:ns-clients:{namespace}"
+        return f"{self.base}:ns-clients:{namespace}"
 
     def rooms_of(self, namespace: str) -> str:
         """The prefix of a namespace's room keys. The namespace's length comes first, so
@@ -72,13 +66,60 @@ class Keys:
     def session(self, sid: str) -> str:
         return self.session_prefix + sid
 
+
+class Keys:
+    """Every Redis key of one cluster, under its prefix: the keys of each of ``shards``
+    shards (`ShardKeys`, `shard`), and the few of the whole cluster (nodes, heartbeats).
+    On a Redis Cluster (``cluster``) the shards' keys carry hash tags spread over the slot
+    space (`slots.shard_tags`), the cluster-wide ones the tag ``{<prefix>}``.
+
+    With one shard, the shard's keys are also the attributes of `Keys` itself
+    (``keys.ready``, ``keys.queue(sid)``); with more, the code picks a shard first."""
+
+    def __init__(self, prefix: str, shards: int = 1, cluster: bool = False):
+        self.prefix = prefix
+        self.cluster = cluster
+        if shards == 1 and not cluster:
+            self.shards = [ShardKeys(prefix)]
+        else:
+            from .slots import shard_tags
+            self.shards = [ShardKeys(f"{prefix}:{{{tag}}}", k)
+                           for k, tag in enumerate(shard_tags(prefix, shards))]
+        base = f"{{{prefix}}}" if cluster else prefix
+        self.base = base
+        self.nodes = f"{base}:nodes"                  # hash: node id -> node info
+        self.reaper_lock = f"{base}:reaper"           # string: one reaper pass at a time
+        self.layout = f"{base}:layout"                # string: the shard count, fixed once set
+
+    def shard(self, sid: str) -> ShardKeys:
+        """The shard of a client's keys."""
+        from .slots import shard_index
+        return self.shards[shard_index(sid, len(self.shards))]
+
+    def __getattr__(self, name: str):
+        # the only shard's keys, as attributes of the cluster's (see the class)
+        shards = self.__dict__.get("shards")
+        if shards and len(shards) == 1 and not name.startswith("_"):
+            return getattr(shards[0], name)
+        raise AttributeError(f"Keys has no {name!r}" + (
+            " of its own: with several shards, pick one (keys.shard(sid), keys.shards)"
+            if shards and hasattr(shards[0], name) else ""))
+
+    def node_commands(self, node: str) -> str:
+        """Stream of commands meant for the clients of one io-node only."""
+        return f"{self.prefix}:commands:{node}"
+
+    def alive(self, node: str) -> str:
+        """Expiring key: exists while the node's heartbeat is fresh."""
+        return f"{self.base}:alive:{node}"
+
     def reply(self, call_id: str) -> str:
         """List an app.call() waits on for the client's answer."""
         return f"{self.prefix}:reply:{call_id}"
 
     def tombstone(self, node: str) -> str:
         """Exists while a node the reaper cleaned up has not heartbeated since."""
-        return f"{self.prefix}:reaped:{node}"
+        return f"{self.base}:reaped:{node}"
 
     def app(self, *parts: str) -> str:
         """A key for the application's own data (`App.key`)."""
@@ -131,17 +172,14 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 return 1
 """
 
-# The registry entry goes last, once nothing of the node is left to hand over. KEYS: alive,
-# nodes, processing, node-clients, node command stream; ARGV: node id.
+# The registry entry goes last, once nothing of the node is left to hand over (its shards'
+# processing lists and client sets were found empty just before). KEYS: alive, nodes;
+# ARGV: node id.
 _BURY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-if redis.call('LLEN', KEYS[3]) > 0 or redis.call('SCARD', KEYS[4]) > 0 then
-  return 0
-end
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[5])
 return 1
 """
 
@@ -171,17 +209,18 @@ class ClusterState:
         ``conn``, its connection (Engine.IO session id), when the client may recover."""
         r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
         sid, node, namespace = record["sid"], record["node"], record["namespace"]
-        r.hset(self.keys.clients, sid, json.dumps(record))
+        k = self.keys.shard(sid)
+        r.hset(k.clients, sid, json.dumps(record))
         if record.get("conn"):
-            r.hset(self.keys.conns, sid, record["conn"])
-        r.sadd(self.keys.node_clients(node), sid)
-        r.sadd(self.keys.namespace_clients(namespace), sid)
+            r.hset(k.conns, sid, record["conn"])
+        r.sadd(k.node_clients(node), sid)
+        r.sadd(k.namespace_clients(namespace), sid)
         if pipe is None:
             r.execute()
 
     def forget_client(self, sid: str, namespace: str, node: str, pipe=None) -> None:
         """Remove a client with its rooms and session."""
-        k = self.keys
+        k = self.keys.shard(sid)
         self._forget(keys=[k.clients, k.client_rooms(sid), k.session(sid), k.node_clients(node),
                            k.namespace_clients(namespace), k.conns, k.parked,
                            k.parked_disconnects],
@@ -189,7 +228,7 @@ class ClusterState:
 
     def client(self, sid: str) -> Optional[dict]:
         """The record of a connected client: sid, namespace, node, info, connected_at."""
-        raw = self.redis.hget(self.keys.clients, sid)
+        raw = self.redis.hget(self.keys.shard(sid).clients, sid)
         return json.loads(raw) if raw else None
 
     def client_node(self, sid: str) -> Optional[str]:
@@ -199,47 +238,72 @@ class ClusterState:
     def clients(self, namespace: Optional[str] = None) -> List[dict]:
         """Every connected client, or those of one namespace."""
         if namespace is None:
-            return [json.loads(v) for v in self.redis.hvals(self.keys.clients)]
-        sids = list(self.redis.smembers(self.keys.namespace_clients(namespace)))
+            return [json.loads(v) for values in self._each_shard("hvals", "clients")
+                    for v in values]
+        sids = [sid for members in self._each_shard("smembers", "namespace_clients", namespace)
+                for sid in members]
         return [r for r in self._records(sids) if r is not None]
 
     def count(self, namespace: Optional[str] = None) -> int:
         if namespace is None:
-            return self.redis.hlen(self.keys.clients)
-        return self.redis.scard(self.keys.namespace_clients(namespace))
+            return sum(self._each_shard("hlen", "clients"))
+        return sum(self._each_shard("scard", "namespace_clients", namespace))
+
+    def _each_shard(self, command: str, key: str, *key_args) -> list:
+        """The replies of ``command`` on one key of each shard (``key``: its `ShardKeys`
+        attribute, called with ``key_args`` when given), in one pipeline."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in self.keys.shards:
+            name = getattr(shard, key)
+            getattr(pipe, command)(name(*key_args) if key_args else name)
+        return pipe.execute()
 
     def _records(self, sids: List[str]) -> List[Optional[dict]]:
         if not sids:
             return []
-        return [json.loads(v) if v else None for v in self.redis.hmget(self.keys.clients, sids)]
+        by_shard: Dict[int, List[str]] = {}
+        for sid in sids:
+            by_shard.setdefault(self.keys.shard(sid).index, []).append(sid)
+        pipe = self.redis.pipeline(transaction=False)
+        for index, group in by_shard.items():
+            pipe.hmget(self.keys.shards[index].clients, group)
+        found = {sid: raw for group, raws in zip(by_shard.values(), pipe.execute())
+                 for sid, raw in zip(group, raws)}
+        return [json.loads(found[sid]) if found[sid] else None for sid in sids]
 
     # ---- rooms (written by app-nodes) -----------------------------------------------------
 
     def enter_room(self, sid: str, namespace: str, room: str, pipe=None) -> None:
         r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        r.sadd(self.keys.room(namespace, room), sid)
-        r.sadd(self.keys.client_rooms(sid), room)
+        k = self.keys.shard(sid)
+        r.sadd(k.room(namespace, room), sid)
+        r.sadd(k.client_rooms(sid), room)
         if pipe is None:
             r.execute()
 
     def leave_room(self, sid: str, namespace: str, room: str, pipe=None) -> None:
         r = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        r.srem(self.keys.room(namespace, room), sid)
-        r.srem(self.keys.client_rooms(sid), room)
+        k = self.keys.shard(sid)
+        r.srem(k.room(namespace, room), sid)
+        r.srem(k.client_rooms(sid), room)
         if pipe is None:
             r.execute()
 
     def close_room(self, namespace: str, room: str) -> int:
-        return self._close_room(keys=[self.keys.room(namespace, room)],
-                                args=[room, self.keys.client_rooms_prefix])
+        pipe = self.redis.pipeline(transaction=False)
+        for k in self.keys.shards:
+            self._close_room(keys=[k.room(namespace, room)], args=[room, k.client_rooms_prefix],
+                             client=pipe)
+        return sum(pipe.execute())
 
     def rooms(self, sid: str) -> List[str]:
         """The rooms a client is in (its own sid room not included)."""
-        return sorted(self.redis.smembers(self.keys.client_rooms(sid)))
+        return sorted(self.redis.smembers(self.keys.shard(sid).client_rooms(sid)))
 
     def room_members(self, namespace: str, room: str) -> List[str]:
-        """The sids in a room, across every io-node."""
-        return sorted(self.redis.smembers(self.keys.room(namespace, room)))
+        """The sids in a room, across every io-node (and every shard)."""
+        return sorted(sid for members in self._each_shard("smembers", "room", namespace, room)
+                      for sid in members)
 
     def room_clients(self, namespace: str, room: str) -> List[dict]:
         """The client records of a room's members (for "who is online")."""
@@ -249,11 +313,11 @@ class ClusterState:
     # ---- sessions ---------------------------------------------------------------------------
 
     def get_session(self, sid: str) -> dict:
-        raw = self.redis.get(self.keys.session(sid))
+        raw = self.redis.get(self.keys.shard(sid).session(sid))
         return parse(raw) if raw else {}
 
     def save_session(self, sid: str, session: dict) -> None:
-        self.redis.set(self.keys.session(sid), dumps(session))
+        self.redis.set(self.keys.shard(sid).session(sid), dumps(session))
 
     # ---- nodes ------------------------------------------------------------------------------
 
@@ -297,8 +361,16 @@ class ClusterState:
         """Remove a dead node's registry entry and command stream, once nothing of it is
         left to hand over (its processing list and client set are empty)."""
         k = self.keys
-        return bool(self._bury(keys=[k.alive(node), k.nodes, k.processing(node),
-                                     k.node_clients(node), k.node_commands(node)], args=[node]))
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in k.shards:
+            pipe.llen(shard.processing(node))
+            pipe.scard(shard.node_clients(node))
+        if any(pipe.execute()):
+            return False
+        if not self._bury(keys=[k.alive(node), k.nodes], args=[node]):
+            return False
+        self.redis.delete(k.node_commands(node))
+        return True
 
 
 def parse_record(raw: Optional[str]) -> Optional[dict]:

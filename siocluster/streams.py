@@ -69,15 +69,22 @@ class CommandStreams:
         self.maxlen = maxlen
         self._write = redis.register_script(_WRITE)
 
-    def write(self, pipe, batches: Sequence[Sequence[Routed]]) -> List[Tuple[str, str]]:
+    def write(self, pipe, batches: Sequence[Sequence[Routed]],
+              shards: Optional[Sequence] = None) -> List[Tuple[str, str, str]]:
         """Add to ``pipe`` the commands of handlers (one batch each, in the order they
         ran), as few entries as order allows; returns the entries, for `rewrite`.
+
+        With several shards, each batch goes to the stream of its shard (``shards``: the
+        `ShardKeys` of each batch's client, None for the first shard): a client's
+        handlers' commands stay in order on one stream, and the shards share the load.
 
         A handler's commands meant for one io-node's clients go to that node's stream; if
         any is addressed more widely, all of them go to the stream every io-node reads. An
         io-node applies the entries of its two streams in the order of their cluster-wide
         sequence numbers, so handlers' commands may share an entry only while no entry of
         the other kind of stream falls between them."""
+        if len(self.keys.shards) > 1:
+            return self._write_sharded(pipe, batches, shards or [None] * len(batches))
         shared = self.keys.commands
         entries: List[Tuple[str, List[dict]]] = []
         open_entries: Dict[str, List[dict]] = {}
@@ -95,36 +102,56 @@ class CommandStreams:
                     open_entries[stream] = []
                     entries.append((stream, open_entries[stream]))
                 open_entries[stream].append(command)
-        writes = [(stream, encode_batch(commands)) for stream, commands in entries]
-        for stream, payload in writes:
-            # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
-            pipe.evalsha(self._write.sha, 2, stream, self.keys.command_seq, self.maxlen,
-                         payload)
+        writes = [(stream, self.keys.command_seq, encode_batch(commands))
+                  for stream, commands in entries]
+        self._add(pipe, writes)
         return writes
 
-    def rewrite(self, writes: List[Tuple[str, str]]) -> None:
+    def _write_sharded(self, pipe, batches, shards) -> List[Tuple[str, str, str]]:
+        by_shard: Dict[int, List[dict]] = {}
+        for batch, shard in zip(batches, shards):
+            if batch:
+                by_shard.setdefault(shard.index if shard is not None else 0, []).extend(
+                    command for _, command in batch)
+        writes = [(self.keys.shards[index].commands, self.keys.shards[index].command_seq,
+                   encode_batch(commands)) for index, commands in by_shard.items()]
+        self._add(pipe, writes)
+        return writes
+
+    def _add(self, pipe, writes: List[Tuple[str, str, str]]) -> None:
+        for stream, seq, payload in writes:
+            # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
+            pipe.evalsha(self._write.sha, 2, stream, seq, self.maxlen, payload)
+
+    def rewrite(self, writes: List[Tuple[str, str, str]]) -> None:
         """Write again entries whose pipeline failed because Redis had lost the script (a
         restart, SCRIPT FLUSH): nothing of them was written."""
         self.redis.script_load(_WRITE)
         pipe = self.redis.pipeline(transaction=False)
-        for stream, payload in writes:
-            pipe.evalsha(self._write.sha, 2, stream, self.keys.command_seq, self.maxlen,
-                         payload)
+        self._add(pipe, writes)
         pipe.execute()
 
-    def send(self, batch: Sequence[Routed]) -> None:
-        """Write one batch now, in a round trip of its own."""
+    def send(self, batch: Sequence[Routed], shard=None) -> None:
+        """Write one batch now, in a round trip of its own (with several shards, to the
+        stream of ``shard``, the first one's when None)."""
         pipe = self.redis.pipeline(transaction=False)
-        writes = self.write(pipe, [batch])
+        writes = self.write(pipe, [batch], [shard])
         try:
             pipe.execute()
         except NoScriptError:
             self.rewrite(writes)
 
-    def reader(self, node: str, logger: Optional[logging.Logger] = None) -> "StreamReader":
-        """A reader of the streams io-node ``node`` follows, from their current ends."""
-        return StreamReader(self.redis, [self.keys.commands, self.keys.node_commands(node)],
-                            self.maxlen, node, logger or logging.getLogger("siocluster.io-node"))
+    def readers(self, node: str, logger: Optional[logging.Logger] = None
+                ) -> List["StreamReader"]:
+        """Readers of the streams io-node ``node`` follows, from their current ends: on one
+        shard one reader of the shared stream and the node's own; with several shards,
+        one reader per shard's stream, each on a connection of its own."""
+        logger = logger or logging.getLogger("siocluster.io-node")
+        if len(self.keys.shards) == 1:
+            return [StreamReader(self.redis, [self.keys.commands, self.keys.node_commands(node)],
+                                 self.maxlen, node, logger)]
+        return [StreamReader(self.redis, [shard.commands], self.maxlen, node, logger, shard.index)
+                for shard in self.keys.shards]
 
     def delete(self, node: str) -> None:
         """Drop the stream of an io-node that stopped."""
@@ -139,8 +166,9 @@ class StreamReader:
     """
 
     def __init__(self, redis, streams: List[str], maxlen: int, node: str,
-                 logger: logging.Logger):
+                 logger: logging.Logger, shard: int = 0):
         self.redis = redis
+        self.shard = shard          # the shard whose stream is ``streams[0]``
         self.node = node
         self.maxlen = maxlen
         self.logger = logger

@@ -148,7 +148,7 @@ class AppTelemetry:
         yield observe.counter("siocluster_dead_letters_total", "messages this app-node moved "
                               "to the dead-letter list", s.dead)
         yield observe.gauge("siocluster_workers_busy", "workers running handlers", self._busy)
-        yield from inbox_depth(self, processing=self.processing)
+        yield from inbox_depth(self, app_node=self.id)
 
     def serve_http(self, address):
         """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``address`` (an app-node's
@@ -172,12 +172,12 @@ class AppTelemetry:
             server.stop(timeout=1)
 
 
-def inbox_depth(node, processing=None):
+def inbox_depth(node, app_node=None):
     """The cluster's inbox depth (and this app-node's clients in hand), read at scrape time;
     nothing when Redis does not answer (``siocluster_redis_up`` says so)."""
     try:
         messages, size = node.inbox.size()
-        held = len(node.inbox.held(processing)) if processing else None
+        held = node.inbox.held(app_node) if app_node else None
     except REDIS_DOWN:
         return
     yield observe.gauge("siocluster_inbox_messages", "client messages in the inbox, "

@@ -29,10 +29,11 @@ class Turn:
     first), those handled and not yet written (``finishes``), retries to write, and its
     session, read with the take and written when the turn is finished if it changed."""
 
-    __slots__ = ("sid", "rest", "finishes", "retries", "gone", "_stored", "_session")
+    __slots__ = ("sid", "rest", "finishes", "retries", "gone", "lane", "_stored", "_session")
 
-    def __init__(self, taken: Taken):
+    def __init__(self, taken: Taken, lane=None):
         self.sid, self.rest, self._stored = taken.sid, list(taken.raws), taken.session
+        self.lane = lane                    # the `lanes.Lane` (shard) it was taken from
         self.finishes: List[Finish] = []
         self.retries: List[tuple] = []      # (message as taken, its next attempt)
         self.gone = False                   # its client left: its session goes with it
@@ -73,9 +74,10 @@ class Batch:
     """The turns one worker runs in a row: those ``done``, whose writes wait for one round
     trip, the ``current`` one, and the ``rest``, not started yet."""
 
-    __slots__ = ("done", "current", "rest")
+    __slots__ = ("done", "current", "rest", "lane")
 
     def __init__(self, turns: List[Turn]):
+        self.lane = turns[0].lane           # a worker's turns are of its lane
         self.done: List[Turn] = []
         self.current: Optional[Turn] = None
         self.rest = list(turns)
@@ -98,7 +100,7 @@ class FinishPlan(NamedTuple):
     deferred: int            # replies before this are the sessions' and `App.writes`'
     streams: list            # the stream entries written (for `CommandStreams.rewrite`)
     dead_letters: List[int]  # replies: how many old dead letters each one dropped
-    waiting: int             # reply: how many clients wait in the ready list
+    waiting: list            # (lane, reply): how many clients wait in its ready list
 
 
 def add_finish(node, pipe, turns: List[Turn], running: Optional[Turn], commands) -> FinishPlan:
@@ -110,21 +112,28 @@ def add_finish(node, pipe, turns: List[Turn], running: Optional[Turn], commands)
     for turn in turns:
         session = turn.changed_session()
         if session is not None:
-            pipe.set(node.keys.session(turn.sid), session)
+            pipe.set(turn.lane.inbox.keys.session(turn.sid), session)
     finishes = [f for turn in turns for f in turn.finishes]
     for finish in finishes:
         if finish.writes is not None:
             finish.writes.replay(pipe)
     deferred = len(pipe)
-    streams = node.streams.write(pipe, [f.commands for f in finishes] + [commands])
+    streams = node.streams.write(pipe, [f.commands for f in finishes] + [commands],
+                                 [turn.lane.inbox.keys for turn in turns for _ in turn.finishes]
+                                 + [running.lane.inbox.keys if running else None])
     dead_letters = []
-    for finish in finishes:
-        if finish.forget is not None:
-            # only now: the disconnect handler could still read the client's rooms and session
-            forget = finish.forget
-            node.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
-        if finish.dead is not None:
-            dead_letters.append(node.inbox.dead_letter(pipe, {**finish.dead, "app_node": node.id}))
-    waiting = node.inbox.finish(pipe, node.processing,
-                                [turn.done(release=turn is not running) for turn in turns])
+    for turn in turns:
+        for finish in turn.finishes:
+            if finish.forget is not None:
+                # only now: the disconnect handler could still read its rooms and session
+                forget = finish.forget
+                node.state.forget_client(forget.sid, forget.namespace, forget.node, pipe=pipe)
+            if finish.dead is not None:
+                dead_letters.append(turn.lane.inbox.dead_letter(
+                    pipe, {**finish.dead, "app_node": node.id}))
+    waiting = []
+    for lane in node.lanes:
+        mine = [turn.done(release=turn is not running) for turn in turns if turn.lane is lane]
+        if mine:
+            waiting.append((lane, lane.inbox.finish(pipe, lane.processing, mine)))
     return FinishPlan(deferred, streams, dead_letters, waiting)
