@@ -1,7 +1,7 @@
 """Every default of siocluster in one place; `Config` starts from these."""
 
 PREFIX = "siocluster"
-CLUSTER_SHARDS = 6           # shards on a Redis Cluster: 2 per master of 3
+CLUSTER_SHARDS = 3           # shards on a Redis Cluster: one per master of the usual 3
 REDIS_URL = "redis://localhost:6379/0"
 
 HTTP_HOST = "127.0.0.1"
