@@ -35,6 +35,7 @@ from typing import Dict, List
 from redis.exceptions import ResponseError
 
 from . import defaults
+from .connection import is_cluster
 from .envelope import Envelope
 from .state import chunks, parse_record
 
@@ -70,7 +71,12 @@ class Reaper:
         if time.time() - self.node.redis_up_since < self.grace:
             return False
         try:
-            uptime = float(self.redis.info("server").get("uptime_in_seconds", 0))
+            if is_cluster(self.redis):      # the master of the registry's slot
+                node = self.redis.get_node_from_key(self.keys.nodes)
+                info = self.redis.info("server", target_nodes=node)
+            else:
+                info = self.redis.info("server")
+            uptime = float(info.get("uptime_in_seconds", 0))
         except ResponseError:
             return True    # INFO renamed away (some hosted Redis): rely on our own view
         return uptime >= self.grace

@@ -3,11 +3,22 @@
 
 import uuid
 
+import gevent
 import pytest
 from redis.crc import key_slot
 
 from siocluster import App, Config
 from tests.conftest import Cluster
+from tests.helpers import wait_until
+from tests.test_recovery import (
+    FAST_RECONNECT,
+    Sender,
+    come_back,
+    drop_transport,
+    numbers,
+    room_app,
+    wait_recovered,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,3 +84,54 @@ def test_chat_and_ordered_session_over_two_io_nodes(on_cluster):
         members[2].sio.emit("count", n)
     members[2].expect("counted", count=50, timeout=20)
     assert [args[0] for args in members[2].received("counted")] == list(range(50))
+
+
+def test_recovery_positions_span_the_shards(on_cluster):
+    """A transport drop while a busy room talks, on 3 shards: the client comes back as
+    itself and receives every message once, in order (its position names one offset per
+    shard's stream)."""
+    app, seen = room_app()
+    io1, io2 = on_cluster.io_node(), on_cluster.io_node()
+    on_cluster.app_node(app)
+    on_cluster.app_node(app)
+    listener = on_cluster.client(io1, **FAST_RECONNECT)
+    senders = [on_cluster.client(io2) for _ in range(3)]   # most likely in several shards
+    for client in (listener, *senders):
+        assert client.call("join", "r") == ["joined"]
+    sid = listener.sid
+    talks = [Numbered(sender, "r", 100_000 * k) for k, sender in enumerate(senders)]
+    wait_until(lambda: len(numbers(listener)) >= 30, timeout=10)
+    for _ in range(2):
+        before = len(numbers(listener))
+        drop_transport(listener)
+        wait_recovered(listener, sid)
+        wait_until(lambda n=before + 30: len(numbers(listener)) >= n, timeout=10)
+    # one more: away on one io-node, back on the other
+    drop_transport(listener)
+    listener.sio.disconnect()
+    come_back(listener, io2)
+    wait_recovered(listener, sid)
+    sent = sum(talk.stop() for talk in talks)
+    wait_until(lambda: len(numbers(listener)) >= sent, timeout=10,
+               message=f"the listener has {len(numbers(listener))} of {sent}")
+    got = numbers(listener)
+    assert len(got) == sent                     # each once, each sender's in order
+    for talk in talks:
+        assert [n - talk.base for n in got if talk.base <= n < talk.base + 100_000] \
+            == list(range(talk.sent))
+    assert seen["disconnects"] == []
+
+
+class Numbered(Sender):
+    """A `Sender` whose numbers start at ``base``, to tell several apart."""
+
+    def __init__(self, client, room, base):
+        self.base = base
+        super().__init__(client, room)
+
+    def _run(self):
+        while self.running:
+            n = self.base + self.sent
+            assert self.client.call("say", self.room, n) == [n]
+            self.sent += 1
+            gevent.sleep(0.005)
