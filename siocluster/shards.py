@@ -58,14 +58,16 @@ class Inboxes:
         for record in records:
             part = parts.setdefault(self.keys.shard(record["sid"]).index, ([], [], []))
             part[2].append(record)
-        jobs = [(positions, gevent.spawn(self.shards[index].push, items, shard_records, state))
+        jobs = [(positions, gevent.spawn(_outcome, self.shards[index].push, items,
+                                         shard_records, state))
                 for index, (positions, items, shard_records) in parts.items()]
         gevent.joinall([job for _, job in jobs])
         refused = []
         for positions, job in jobs:
-            if job.exception is not None:
-                raise job.exception     # Redis away: the whole batch is pushed again later
-            refused.extend(positions[index] for index in job.value)
+            value, error = job.value
+            if error is not None:
+                raise error     # Redis away: the whole batch is pushed again later
+            refused.extend(positions[index] for index in value)
         return sorted(refused)
 
     def push_disconnect(self, node: str, sid: str, envelope: str, pipe, parked=False) -> None:
@@ -101,3 +103,12 @@ class Inboxes:
 
     def dropped(self, count: int) -> None:
         self.shards[0].dropped(count)
+
+
+def _outcome(call, *args):
+    """``(value, None)`` or ``(None, the exception)``: raised again by the caller, not
+    printed by gevent as a greenlet that died."""
+    try:
+        return call(*args), None
+    except Exception as exc:
+        return None, exc
