@@ -46,7 +46,7 @@ from redis.retry import Retry
 from . import observe
 from .config import Config, ConfigLike, IoServer, as_config
 from .net import is_wildcard
-from .state import ClusterState, Keys
+from .state import ClusterState
 
 # keep in step with scripts/fetch-socketio-client
 CLIENT_VERSION = "4.8.1"
@@ -86,7 +86,7 @@ class Frontend:
         self.state = None
         if not config.io_servers:
             redis = config.redis_client(**{**REDIS_OPTIONS, **config.redis_options})
-            self.state = ClusterState(redis, Keys(config.prefix))
+            self.state = ClusterState(redis, config.keys())
         self._redis_down = False
 
     def io_servers(self, request_host: str, scheme: str = "http") -> List[dict]:
