@@ -84,7 +84,7 @@ def hold(redis_client, keys, processing, clients=10_000, per_client=16):
 def hold_listener(io_node):
     """Hold an io-node's listener between two reads of the command streams, so that one read
     finds everything the test writes meanwhile; returns the gate that lets it read."""
-    direct = io_node.reader.direct
+    direct = io_node.readers[0].direct
     real_call = direct.call
     gate, waiting = gevent.event.Event(), gevent.event.Event()
 

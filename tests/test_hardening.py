@@ -233,7 +233,7 @@ def test_messages_whose_give_back_failed_are_handled_once_redis_answers(cluster,
     wait_until(lambda: sorted(set(handled)) == [0, 1, 2, 3], timeout=15,
                message=f"clients stranded in the processing list (handled {handled})")
     assert failed, "the injected failure never happened: the test proves nothing"
-    wait_until(lambda: redis_client.llen(node.processing) == 0,
+    wait_until(lambda: redis_client.llen(node.lanes[0].processing) == 0,
                message="the processing list kept clients")
     wait_until(lambda: inbox_messages(redis_client, keys) == 0,
                message="messages stayed in the queues")

@@ -12,8 +12,8 @@ import gevent
 import gevent.event
 
 from siocluster import App
-from siocluster.appnode import PER_CLIENT, TAKE_MORE
 from siocluster.envelope import Envelope, decode_batch
+from siocluster.lanes import PER_CLIENT, TAKE_MORE
 from siocluster.state import Keys
 from tests.helpers import enqueue, inbox_messages, wait_until
 
@@ -71,7 +71,7 @@ def test_a_batch_keeps_order_and_a_failing_handler_retries_only_its_own_message(
     dead = json.loads(redis_client.lindex(keys.dead, 0))
     assert dead["error"] == "ValueError: seven fails"
     assert Envelope.decode(dead["raw"]).id == messages[7].id
-    assert redis_client.llen(node.processing) == 0
+    assert redis_client.llen(node.lanes[0].processing) == 0
     assert inbox_messages(redis_client, keys) == 0
     assert redis_client.llen(keys.ready) == 0 and not redis_client.keys(keys.queue_prefix + "*")
 
@@ -121,7 +121,8 @@ def test_a_handler_that_waits_gives_the_rest_of_its_batch_to_other_workers(
     assert sorted(handled) == [n for n in range(len(messages)) if n != slow_at]
     data, _ = said(redis_client, keys)
     assert sorted(data) == list(range(len(messages)))
-    assert redis_client.llen(first.processing) == 0 and redis_client.llen(other.processing) == 0
+    assert redis_client.llen(first.lanes[0].processing) == 0
+    assert redis_client.llen(other.lanes[0].processing) == 0
 
 
 def test_pushes_and_takes_go_on_after_redis_forgot_its_scripts(cluster, redis_client):
@@ -182,7 +183,7 @@ def test_handlers_that_wait_run_side_by_side_though_their_messages_came_together
     wait_until(lambda: node.handled == 8, message="not all handled")
     data, _ = said(redis_client, keys)
     assert sorted(data) == list(range(8))
-    assert redis_client.llen(node.processing) == 0 and not node._inflight
+    assert redis_client.llen(node.lanes[0].processing) == 0 and not node._inflight
 
 
 def test_a_burst_to_idle_workers_is_taken_and_written_in_one_round_trip_each(

@@ -88,7 +88,7 @@ def connected_client(cluster, log=None, **io_overrides):
 def test_a_failed_command_stream_read_resumes_from_the_last_id_applied(cluster, redis_client):
     io, client = connected_client(cluster)
     stream = io.keys.commands
-    direct = io.reader.direct
+    direct = io.readers[0].direct
     real_call = direct.call
     calls = []
 
@@ -293,13 +293,13 @@ def test_an_app_node_gives_back_unheld_clients_of_its_processing_list_after_a_bl
     cluster.app_nodes.append(node)
     # a take whose reply was lost with the connection: in the list, in no worker's hands
     enqueue(redis_client, node.keys, event("rec", "taken while Redis went away"))
-    assert hold(redis_client, node.keys, node.processing) == ["s1"]
+    assert hold(redis_client, node.keys, node.lanes[0].processing) == ["s1"]
     node.start()
     node._redis_lost("worker-0", redis.exceptions.ConnectionError("injected"))
     node._redis_back()
     wait_until(lambda: log, message="the message left in the processing list was not handled")
     assert log == [("rec", "taken while Redis went away", 0)]
-    wait_until(lambda: not redis_client.exists(node.processing),
+    wait_until(lambda: not redis_client.exists(node.lanes[0].processing),
                message="the processing list kept the client")
     wait_until(lambda: inbox_messages(redis_client, node.keys) == 0,
                message="the message stayed in its queue")
@@ -327,7 +327,8 @@ def test_an_app_node_keeps_a_handled_messages_commands_until_redis_takes_them(cl
         # the finish: the script on the ready list, this node's processing list and the
         # inbox's size
         finishing = any(c[0][0] == "EVALSHA" and c[0][3:6] == (
-            node.keys.ready, node.processing, node.keys.inbox_size) for c in pipe.command_stack)
+            node.keys.ready, node.lanes[0].processing, node.keys.inbox_size)
+            for c in pipe.command_stack)
         if finishing and log and not failed:
             # the handler ran; Redis goes away before its commands are written
             failed.append(True)

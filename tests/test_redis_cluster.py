@@ -211,3 +211,55 @@ class Steady(Numbered):
             except gevent.Timeout:
                 pass
             gevent.sleep(0.01)
+
+
+def test_cluster_urls_are_checked_and_name_the_key():
+    from siocluster.connection import parse_redis_url
+    from siocluster.errors import ConfigError
+
+    parts = parse_redis_url("rediss+cluster://user:p%40ss@a:7000,b")
+    assert parts["seeds"] == [("a", 7000), ("b", 6379)] and parts["ssl"]
+    assert parts["username"] == "user" and parts["password"] == "p@ss"
+    for bad, says in (("redis+cluster://:7000", "names no cluster host"),
+                      ("redis+cluster://a:7000/3", "database 0 only"),
+                      ("redis+cluster://a:port", "REDIS_URL")):
+        with pytest.raises(ConfigError, match=says) as caught:
+            parse_redis_url(bad)
+        assert "REDIS_URL" in str(caught.value)
+
+
+def test_shard_tags_spread_over_the_slot_space():
+    from siocluster.slots import SLOTS, shard_index, shard_tags
+
+    for count in (1, 3, 6, 16):
+        slots = [key_slot(tag.encode()) for tag in shard_tags("p", count)]
+        assert [slot * count // SLOTS for slot in slots] == list(range(count))
+    spread = [0] * 3
+    for n in range(3000):
+        spread[shard_index(f"sid-{n}", 3)] += 1
+    assert min(spread) > 800
+
+
+def test_keys_of_several_shards_are_picked_by_client():
+    from siocluster.state import Keys
+
+    keys = Keys("p", shards=3, cluster=True)
+    assert keys.nodes == "{p}:nodes" and keys.alive("n") == "{p}:alive:n"
+    shard = keys.shard("abc")
+    assert shard.queue("abc").startswith(shard.base + ":") and "{" in shard.base
+    with pytest.raises(AttributeError, match="pick one"):
+        keys.ready                       # noqa: B018 - which shard's? refused
+    one = Keys("p")
+    assert one.ready == "p:ready" and one.queue("s") == "p:queue:s"    # the keys of old
+
+
+def test_a_node_with_other_shards_than_the_cluster_refuses_to_start(on_cluster):
+    from siocluster import AppNode
+
+    on_cluster.app_node(counter_app())
+    other = AppNode(counter_app(), on_cluster.config.replace(shards=5))
+    try:
+        with pytest.raises(RuntimeError, match="SHARDS"):
+            other.start()
+    finally:
+        other.redis.close()

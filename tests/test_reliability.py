@@ -238,7 +238,7 @@ def test_a_poison_message_ends_in_the_dead_letter_list_and_the_rest_keeps_flowin
     assert [attempt for _, attempt in tries] == [0, 1, 2]
     assert len({message_id for message_id, _ in tries}) == 1     # one message, three deliveries
     assert [args for kind, args, _ in log if kind == "rec"] == [[n] for n in range(5)]
-    assert redis_client.llen(node.processing) == 0
+    assert redis_client.llen(node.lanes[0].processing) == 0
 
 
 # ---- backpressure and outages ---------------------------------------------------------------
@@ -307,8 +307,8 @@ def test_commands_trimmed_before_an_io_node_read_them_are_reported(config, redis
     io = IoNode(config.replace(stream_maxlen=50))    # its listener is stepped by hand here
     stream = io.keys.commands
     redis_client.xadd(stream, {"b": encode_batch([])})
-    io.reader.last_ids = {stream: None}
-    io.reader.last_ids[stream], io.reader.seq[stream] = io.reader.tip(stream)
+    io.readers[0].last_ids = {stream: None}
+    io.readers[0].last_ids[stream], io.readers[0].seq[stream] = io.readers[0].tip(stream)
 
     def write(count):
         for _ in range(count):
@@ -318,14 +318,14 @@ def test_commands_trimmed_before_an_io_node_read_them_are_reported(config, redis
     try:
         with caplog.at_level(logging.WARNING, logger="siocluster.io-node"):
             write(40)                  # an outage the stream's retention covers
-            io.reader.check_due = True
+            io.readers[0].check_due = True
             io._listen_step()
             assert "trimmed" not in caplog.text
             write(300)                 # a longer one: only the last 50 are kept
-            io.reader.check_due = True
+            io.readers[0].check_due = True
             io._listen_step()
         assert "250 command batch(es)" in caplog.text and "STREAM_MAXLEN" in caplog.text
-        assert io.reader.last_ids[stream] == redis_client.xrevrange(stream, count=1)[0][0]
+        assert io.readers[0].last_ids[stream] == redis_client.xrevrange(stream, count=1)[0][0]
     finally:
         io.redis.close()
 
@@ -352,7 +352,7 @@ def test_malformed_data_in_redis_is_logged_and_skipped(cluster, config, redis_cl
             assert client.call("rec", "after") == ["ok"]
             wait_until(lambda: redis_client.llen(keys.dead) == len(garbage),
                        message="not every malformed message was set aside")
-            assert redis_client.llen(node.processing) == 0
+            assert redis_client.llen(node.lanes[0].processing) == 0
             dead = [json.loads(r) for r in redis_client.lrange(keys.dead, 0, -1)]
             assert all(d["error"].startswith("malformed") for d in dead)
 
@@ -392,7 +392,7 @@ def test_a_stopping_app_node_finishes_its_messages_and_takes_no_new_ones(cluster
     node.stop(timeout=5)
     assert [kind for kind, _, _ in log] == ["slow-start"] * 2 + ["slow-end"] * 2
     assert inbox_messages(redis_client, node.keys) == 2     # left for other app-nodes
-    assert not redis_client.exists(node.processing)
+    assert not redis_client.exists(node.lanes[0].processing)
     assert node.id not in ClusterState(redis_client, node.keys).nodes(alive=None)
     cluster.app_node(recording_app(log), workers=2)
     assert [answers.get(timeout=5) for _ in range(4)] == [("done",)] * 4
@@ -411,7 +411,7 @@ def test_a_handler_still_running_when_the_stop_times_out_is_given_back(cluster, 
     returned = Envelope.decode(redis_client.lindex(node.keys.queue(client.sid), -1))
     assert (returned.event, returned.attempt) == ("slow", 1)
     assert redis_client.lrange(node.keys.ready, 0, -1) == [client.sid]
-    assert not redis_client.exists(node.processing)
+    assert not redis_client.exists(node.lanes[0].processing)
 
 
 # python-engineio's client drops its HTTP session unclosed each time a polling attempt fails
