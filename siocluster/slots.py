@@ -23,7 +23,6 @@ that cannot be reached, or a cluster that says it is down, raises a redis-py
     pipe.execute()
 """
 
-import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from redis.client import Pipeline
@@ -58,11 +57,6 @@ def shard_tags(prefix: str, count: int) -> List[str]:
             n += 1
         tags.append(tag)
     return tags
-
-
-def shard_index(sid: str, count: int) -> int:
-    """The shard of a client, by its sid."""
-    return zlib.crc32(sid.encode("utf-8", "surrogateescape")) % count if count > 1 else 0
 
 
 def _encoded(value) -> bytes:

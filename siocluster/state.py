@@ -10,6 +10,7 @@ writes at once.
 
 import json
 import time
+import zlib
 from typing import Dict, Iterable, List, Optional
 
 from .envelope import dumps, parse
@@ -92,9 +93,11 @@ class Keys:
         self.layout = f"{base}:layout"                # string: the shard count, fixed once set
 
     def shard(self, sid: str) -> ShardKeys:
-        """The shard of a client's keys."""
-        from .slots import shard_index
-        return self.shards[shard_index(sid, len(self.shards))]
+        """The shard of a client's keys: for good, by its sid."""
+        shards = self.shards
+        if len(shards) == 1:
+            return shards[0]
+        return shards[zlib.crc32(sid.encode("utf-8", "surrogateescape")) % len(shards)]
 
     def __getattr__(self, name: str):
         # the only shard's keys, as attributes of the cluster's (see the class)

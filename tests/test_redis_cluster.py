@@ -229,14 +229,15 @@ def test_cluster_urls_are_checked_and_name_the_key():
 
 
 def test_shard_tags_spread_over_the_slot_space():
-    from siocluster.slots import SLOTS, shard_index, shard_tags
+    from siocluster.slots import SLOTS, shard_tags
+    from siocluster.state import Keys
 
     for count in (1, 3, 6, 16):
         slots = [key_slot(tag.encode()) for tag in shard_tags("p", count)]
         assert [slot * count // SLOTS for slot in slots] == list(range(count))
-    spread = [0] * 3
+    spread, keys = [0] * 3, Keys("p", shards=3)
     for n in range(3000):
-        spread[shard_index(f"sid-{n}", 3)] += 1
+        spread[keys.shard(f"sid-{n}").index] += 1
     assert min(spread) > 800
 
 
