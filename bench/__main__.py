@@ -10,6 +10,13 @@ the machine to ``bench/results/bench-<time>.json``::
     python -m bench --quick              # tiny sizes: checks that it works
     python -m bench --scenarios echo,fanout --systems siocluster,single
     python -m bench --scenarios chat --systems siocluster,redismanager,node
+    python -m bench --scenarios chat --systems siocluster,siocluster-redis-cluster
+
+``siocluster-redis-cluster`` (the chat scenario's only, and not in the default run) is the
+example chat's siocluster on a Redis Cluster of its own (``--redis-cluster-masters``, 3 by
+default, no replicas; siocluster's default shards on a cluster), beside ``siocluster`` on
+one redis-server: its Redis CPU and commands per message are summed over the masters, and
+each master's are shown under them.
 
 BENCHMARKS.md says what each figure means.
 """
@@ -23,12 +30,13 @@ import tempfile
 import time
 
 from bench import report, scenarios
-from bench.report import NODE, REDISMANAGER, SINGLE, SIOCLUSTER
+from bench.report import NODE, REDISMANAGER, SINGLE, SIOCLUSTER, SIOCLUSTER_RC
 from bench.systems import (
     ROOT,
     BenchError,
     Generators,
     Redis,
+    RedisCluster,
     node_ready,
     node_versions,
     raise_file_limit,
@@ -40,10 +48,12 @@ from bench.systems import (
 
 SCENARIOS = ("redis", "echo", "fanout", "chat", "connections")
 SYSTEM_NAMES = {"siocluster": SIOCLUSTER, "single": SINGLE, "redismanager": REDISMANAGER,
-                "node": NODE}
+                "node": NODE, "siocluster-redis-cluster": SIOCLUSTER_RC}
+# what runs without --systems: all but the Redis Cluster (chosen by name only)
+DEFAULT_SYSTEMS = ("siocluster", "single", "redismanager", "node")
 # the systems each scenario runs on, of those chosen with --systems
 ECHO_SYSTEMS = (SIOCLUSTER, SINGLE, REDISMANAGER)
-CHAT_SYSTEMS = (SIOCLUSTER, REDISMANAGER, NODE)
+CHAT_SYSTEMS = (SIOCLUSTER, SIOCLUSTER_RC, REDISMANAGER, NODE)
 CONNECTION_SYSTEMS = (SIOCLUSTER, SINGLE)
 
 FULL = {"duration": 5.0, "warmup": 1.0, "echo_clients": 200, "echo_rounds": 2, "rooms": 30,
@@ -60,14 +70,19 @@ def parse_args(argv=None):
                         help="tiny sizes and short windows (the smoke test's run)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of {','.join(SCENARIOS)}")
-    parser.add_argument("--systems", default=",".join(SYSTEM_NAMES),
-                        help=f"comma-separated, of {','.join(SYSTEM_NAMES)}")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated, of {','.join(SYSTEM_NAMES)} (default: "
+                             f"{','.join(DEFAULT_SYSTEMS)}; siocluster-redis-cluster: the "
+                             f"chat scenario's siocluster on a Redis Cluster)")
     parser.add_argument("--generators", type=int, default=3,
                         help="load generator processes")
     parser.add_argument("--io-nodes", type=int, default=2, help="siocluster io-nodes")
     parser.add_argument("--app-nodes", type=int, default=1, help="siocluster app-nodes")
     parser.add_argument("--workers", type=int, default=32,
                         help="greenlets popping the inbox in each app-node")
+    parser.add_argument("--redis-cluster-masters", type=int, default=3,
+                        help="masters of siocluster-redis-cluster's Redis Cluster (no "
+                             "replicas; at least 3)")
     sizes = parser.add_argument_group("sizes (defaults: full run; --quick makes them tiny)")
     sizes.add_argument("--duration", type=float, help="seconds of each measured window")
     sizes.add_argument("--warmup", type=float, help="seconds before each window")
@@ -98,6 +113,8 @@ def parse_args(argv=None):
                     _choices(parser, "--systems", args.systems, tuple(SYSTEM_NAMES))]
     if args.generators < 1:
         parser.error("--generators: at least 1")
+    if args.redis_cluster_masters < 3:
+        parser.error("--redis-cluster-masters: at least 3 (redis-cli --cluster create's least)")
     return args
 
 
@@ -194,7 +211,8 @@ def compare(args, logdir: str, generators: Generators, results: dict) -> None:
 
 
 def chat(args, logdir: str, generators: Generators, results: dict) -> None:
-    """The example chat on siocluster as `make run-cluster` runs it, on python-socketio
+    """The example chat on siocluster as `make run-cluster` runs it (on one redis-server,
+    and on a Redis Cluster of ``--redis-cluster-masters`` masters), on python-socketio
     with RedisManager (`bench.chat_baseline`) and on Node's socket.io with the Redis adapter
     (bench/node), every system running at once and measured in turns. Node's packages are
     fetched from the npm registry first; without node or npm, or when that fails, Node is
@@ -215,10 +233,20 @@ def chat(args, logdir: str, generators: Generators, results: dict) -> None:
     started, targets = [], []
     try:
         for name in names:
-            redis = Redis.start(logdir, tag=f"chat-{name}")
+            if name == SIOCLUSTER_RC:
+                say(f"chat: starting a Redis Cluster of {args.redis_cluster_masters} masters")
+                redis = RedisCluster.start(logdir, masters=args.redis_cluster_masters,
+                                           tag="chat")
+            else:
+                redis = Redis.start(logdir, tag=f"chat-{name}")
             try:
                 if name == SIOCLUSTER:
                     system = start_run_cluster(redis, logdir)
+                elif name == SIOCLUSTER_RC:
+                    system = start_run_cluster(redis, logdir, tag="chat-rc", name=SIOCLUSTER_RC)
+                    results["systems"][name]["redis_cluster"] = {
+                        "masters": len(redis.ports), "replicas": 0, "ports": redis.ports,
+                        "shards": _cluster_shards()}
                 elif name == REDISMANAGER:
                     system = start_baseline(logdir, processes=2, redis=redis,
                                             tag="chat-redismanager",
@@ -237,12 +265,22 @@ def chat(args, logdir: str, generators: Generators, results: dict) -> None:
                 targets, args.rooms, args.fanout_start, args.fanout_factor, args.fanout_steps,
                 args.fanout_refine, args.warmup, args.duration).items():
             results["systems"][name]["chat"] = figures
-        for system, _ in started:
+        for system, redis in started:
             system.check()
+            if isinstance(redis, RedisCluster):
+                redis.check()
     finally:
         for system, redis in started:
             system.stop()
             redis.stop()
+
+
+def _cluster_shards() -> int:
+    """The shards siocluster's nodes use on a Redis Cluster when not told (the bench does
+    not tell them)."""
+    from siocluster import defaults
+
+    return defaults.CLUSTER_SHARDS
 
 
 def connections(name: str, args, logdir: str, generators: Generators) -> dict:
@@ -327,11 +365,8 @@ def main(argv=None) -> int:
     chat = {name: figures["chat_processes"] for name, figures in results["systems"].items()
             if "chat_processes" in figures}
     if chat:
-        print("chat: " + "; ".join(
-            f"siocluster as make run-cluster runs it ({p['io-node']} io-nodes, {p['app-node']} "
-            "app-nodes with their default workers, example_chat.app:app)"
-            if name == SIOCLUSTER else f"{name}: {p['server']} processes"
-            for name, p in chat.items()))
+        print("chat: " + "; ".join(_chat_line(name, p, results["systems"][name])
+                                   for name, p in chat.items()))
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*results["load_average_before"])
           + ", after: {:.2f} {:.2f} {:.2f}".format(*results["load_average_after"]))
     print()
@@ -348,6 +383,20 @@ def main(argv=None) -> int:
         print(f"note: {line}")
     print(f"\nall figures: {os.path.relpath(path)}")
     return 0
+
+
+def _chat_line(name: str, processes: dict, figures: dict) -> str:
+    """What the chat scenario ran of one system, for the heading of the output."""
+    if name not in (SIOCLUSTER, SIOCLUSTER_RC):
+        return f"{name}: {processes['server']} processes"
+    line = (f"{'siocluster' if name == SIOCLUSTER else name} as make run-cluster runs it "
+            f"({processes['io-node']} io-nodes, {processes['app-node']} app-nodes with their "
+            f"default workers, example_chat.app:app")
+    rc = figures.get("redis_cluster")
+    if rc:
+        line += (f", on {rc['masters']} masters with {rc['replicas']} replicas, "
+                 f"{rc['shards']} shards")
+    return line + ")"
 
 
 if __name__ == "__main__":

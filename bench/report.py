@@ -19,7 +19,9 @@ PACKAGES = ("siocluster", "python-socketio", "python-engineio", "gevent", "geven
             "redis", "websocket-client")
 SIOCLUSTER, SINGLE, REDISMANAGER = "siocluster", "single process", "RedisManager"
 NODE = "Node socket.io"
-SYSTEMS = (SIOCLUSTER, SINGLE, REDISMANAGER, NODE)
+# the example chat's siocluster (as make run-cluster runs it) on a Redis Cluster
+SIOCLUSTER_RC = "siocluster on Redis Cluster"
+SYSTEMS = (SIOCLUSTER, SIOCLUSTER_RC, SINGLE, REDISMANAGER, NODE)
 
 
 def _read(path: str) -> str:
@@ -136,8 +138,30 @@ CHAT_ROWS = [
 
 def table(results: dict) -> str:
     """The side-by-side table: echo, fan-out and connections, then the example chat."""
-    blocks = [_table(results, ROWS), _table(results, CHAT_ROWS)]
+    blocks = [_table(results, ROWS), _table(results, chat_rows(results))]
     return "\n\n".join(block for block in blocks if block)
+
+
+def chat_rows(results: dict) -> list:
+    """`CHAT_ROWS`, with each master's Redis CPU and commands per message under the
+    totals when a system ran on a Redis Cluster."""
+    masters = max((len(step.get("redis_per_master") or {})
+                   for figures in results["systems"].values()
+                   for step in (_get(figures, "chat", "steps") or [])), default=0)
+    if not masters:
+        return CHAT_ROWS
+    rows = []
+    for label, path in CHAT_ROWS:
+        rows.append((label, path))
+        if path and path[-1] == "redis-server":
+            rows += [(f"  redis-server master {n} of {masters}",
+                      ("chat", "best_held", "redis_per_master", f"master {n}",
+                       "cpu_us_per_message")) for n in range(1, masters + 1)]
+        elif path and path[-2:] == ("redis_per_message", "total"):
+            rows += [(f"  on master {n} of {masters}",
+                      ("chat", "best_held", "redis_per_master", f"master {n}",
+                       "commands_per_message")) for n in range(1, masters + 1)]
+    return rows
 
 
 def _table(results: dict, spec: list) -> str:

@@ -3,7 +3,8 @@
 A scenario tells the generators what to do at a wall-clock time a little ahead, so all of
 them start together, and measures a window after a warm-up: while it runs, `Window` reads
 the CPU time of every process involved and Redis's ``INFO commandstats``, so every figure
-comes with who was busy producing it.
+comes with who was busy producing it. On a Redis Cluster (`RedisCluster`) it reads both
+from every master, and keeps each master's share too.
 """
 
 import math
@@ -12,7 +13,7 @@ import time
 from typing import Dict, List, Optional
 
 from bench.stats import Histogram, cpu_seconds, machine_busy_seconds, rss_kib
-from bench.systems import BenchError, Generators, Redis, System
+from bench.systems import BenchError, Generators, Redis, RedisCluster, System
 
 ROOM_SIZE = 10
 LATENCY_GOAL = 0.100       # fan-out: the highest rate held with p99 under this (seconds)
@@ -20,15 +21,24 @@ HELD_SEND_RATIO = 0.95     # ... and the generators managed to send this share o
 
 
 class Window:
-    """CPU seconds per group of processes, and Redis command calls, over a time window."""
+    """CPU seconds per group of processes, and Redis command calls, over a time window;
+    on a Redis Cluster, the calls summed over the masters and each master's CPU seconds and
+    calls (``redis_masters``)."""
 
     def __init__(self, groups: Dict[str, List[int]], redis: Optional[Redis]):
         self.groups, self.redis = groups, redis
 
     def _snapshot(self):
         cpu = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in self.groups.items()}
-        calls = self.redis.commandstats() if self.redis is not None else {}
-        return time.monotonic(), machine_busy_seconds(), cpu, calls
+        masters = {}
+        if isinstance(self.redis, RedisCluster):
+            stats = self.redis.master_commandstats()
+            masters = {port: (cpu_seconds(pid), stats[port])
+                       for port, pid in self.redis.master_pids.items()}
+            calls = RedisCluster.summed(stats)
+        else:
+            calls = self.redis.commandstats() if self.redis is not None else {}
+        return time.monotonic(), machine_busy_seconds(), cpu, calls, masters
 
     def start(self) -> None:
         self.begin = self._snapshot()
@@ -45,15 +55,22 @@ class Window:
         machine = (end[1] - self.begin[1]) / wall
         # what the machine spent on processes not of this bench: the noise of a shared host
         other = max(0.0, machine - sum(cores.values()))
-        return {"seconds": round(wall, 3), "cores": cores, "machine_cores": round(machine, 3),
-                "other_cores": round(other, 3), "redis_calls": calls}
+        result = {"seconds": round(wall, 3), "cores": cores, "machine_cores": round(machine, 3),
+                  "other_cores": round(other, 3), "redis_calls": calls}
+        if end[4]:
+            result["redis_masters"] = {
+                str(port): {"cores": round((cpu - self.begin[4][port][0]) / wall, 3),
+                            "calls": sum(count - self.begin[4][port][1].get(name, 0)
+                                         for name, count in stats.items() if name != "info")}
+                for port, (cpu, stats) in sorted(end[4].items())}
+        return result
 
 
 def process_groups(system: System, generators: Generators, redis: Optional[Redis]):
     groups = dict(system.pids())
     groups["load generator"] = generators.pids
     if redis is not None:
-        groups["redis-server"] = [redis.pid]
+        groups["redis-server"] = redis.pids     # on a Redis Cluster, every master
     return groups
 
 
@@ -128,6 +145,22 @@ def per_message(calls: Dict[str, int], messages: int) -> dict:
         return {"total": None, "by_command": {}}
     by = {name: round(count / messages, 3) for name, count in sorted(calls.items())}
     return {"total": round(sum(calls.values()) / messages, 3), "by_command": by}
+
+
+def per_master(window: dict, messages: int) -> Optional[Dict[str, dict]]:
+    """On a Redis Cluster, each master's CPU microseconds and Redis commands per client
+    message and its share of the commands, as ``master 1`` .. ``master N`` in the order of
+    their ports (None on one Redis)."""
+    masters = window.get("redis_masters")
+    if not masters or not messages:
+        return None
+    calls = sum(m["calls"] for m in masters.values())
+    return {f"master {n}": {"port": int(port),
+                            "cpu_us_per_message": round(
+                                m["cores"] * window["seconds"] * 1e6 / messages, 1),
+                            "commands_per_message": round(m["calls"] / messages, 3),
+                            "share_of_commands": round(m["calls"] / calls, 3) if calls else None}
+            for n, (port, m) in enumerate(sorted(masters.items(), key=lambda i: int(i[0])), 1)}
 
 
 # ---- systems measured in turns ----------------------------------------------------------
@@ -235,6 +268,9 @@ def _room_step(target: Target, op: str, rate: float, step: int, warmup: float,
               "out_per_s": round(sum(r["delivered_in_window"] for r in replies) / duration, 1),
               **_percentiles(hist), "lost": lost, "window": window,
               "redis_per_message": per_message(window["redis_calls"], sent)}
+    masters = per_master(window, sent)
+    if masters is not None:
+        result["redis_per_master"] = masters
     return replies, sent, hist, result
 
 

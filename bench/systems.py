@@ -1,4 +1,5 @@
-"""The processes of a bench run: its own redis-server, the systems measured, the generators.
+"""The processes of a bench run: its own redis-server (or Redis Cluster, `RedisCluster`), the
+systems measured, the generators.
 
 Everything runs as a subprocess on 127.0.0.1 and free ports, with its output in a log file
 that an error message quotes. Every child gets the open-files limit raised to the hard
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PR_SET_PDEATHSIG = 1
@@ -147,6 +148,11 @@ class Redis:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def pids(self) -> List[int]:
+        """Its redis-server processes: this one."""
+        return [self.proc.pid]
+
     def version(self) -> str:
         return self.client.info("server")["redis_version"]
 
@@ -162,6 +168,147 @@ class Redis:
     def stop(self) -> None:
         self.proc.stop()
         shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class _SubprocessWithSetup:
+    """The subprocess module, but every Popen gets the bench's `_child_setup`."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def Popen(self, *args, **kwargs):  # noqa: N802 - subprocess's name
+        return self._module.Popen(*args, preexec_fn=_child_setup, **kwargs)
+
+
+def _cluster_nodes_class():
+    """siocluster's `EmbeddedRedisCluster` whose redis-servers die with the bench as every
+    other child of it does (it spawns them itself, without a parent-death signal)."""
+    from siocluster import embedded
+
+    class ClusterNodes(embedded.EmbeddedRedisCluster):
+        def _spawn(self, port: int) -> None:
+            real = embedded.subprocess
+            embedded.subprocess = _SubprocessWithSetup(real)
+            try:
+                super()._spawn(port)
+            finally:
+                embedded.subprocess = real
+
+    return ClusterNodes
+
+
+class RedisCluster:
+    """The bench's own Redis Cluster: ``masters`` masters and no replicas, each a
+    redis-server on free ports (siocluster's `EmbeddedRedisCluster`), never one already
+    running. It offers what the scenarios read of a `Redis`, over all the masters
+    (``pids``, ``commandstats``), and per master (``master_pids``,
+    ``master_commandstats``), so a window can show how the load spread. ``url`` is the
+    ``redis+cluster://`` URL siocluster's nodes are given; ``client`` siocluster's cluster
+    client. Each node's log is copied to the bench's log directory when it stops."""
+
+    def __init__(self, nodes, logdir: str, name: str):
+        import redis
+
+        from siocluster.connection import make_redis
+
+        self.nodes, self.logdir, self.name = nodes, logdir, name
+        self.url = nodes.url
+        self.ports: List[int] = nodes.masters()
+        self.clients = {port: redis.Redis(port=port, decode_responses=True)
+                        for port in self.ports}
+        self.client = make_redis(self.url)
+
+    @classmethod
+    def start(cls, logdir: str, masters: int = 3, tag: str = "") -> "RedisCluster":
+        for exe, package in (("redis-server", "redis-server"), ("redis-cli", "redis-tools")):
+            if shutil.which(exe) is None:
+                raise BenchError(f"{exe} is not installed: run `make install` (it installs "
+                                 f"it) or `apt-get install {package}`")
+        name = f"redis-cluster-{tag.replace(' ', '-')}" if tag else "redis-cluster"
+        try:
+            nodes = _cluster_nodes_class()(masters=masters, replicas=0).start()
+        except (RuntimeError, SystemExit) as exc:
+            raise BenchError(f"the Redis Cluster of {masters} masters did not start: {exc}") \
+                from None
+        try:
+            return cls(nodes, logdir, name)
+        except BaseException:
+            nodes.stop()
+            raise
+
+    @property
+    def pids(self) -> List[int]:
+        """The masters' redis-server processes."""
+        return list(self.master_pids.values())
+
+    @property
+    def master_pids(self) -> Dict[int, int]:
+        """Each master's redis-server process, by port."""
+        return {port: self.nodes.procs[port].pid for port in self.ports}
+
+    def version(self) -> str:
+        return self.clients[self.ports[0]].info("server")["redis_version"]
+
+    def master_commandstats(self) -> Dict[int, Dict[str, int]]:
+        """Calls per command since the last reset, of each master by port."""
+        out = {}
+        for port, client in self.clients.items():
+            stats = client.info("commandstats")
+            out[port] = {name.split("_", 1)[1]: int(value["calls"])
+                         for name, value in stats.items()}
+        return out
+
+    @staticmethod
+    def summed(per_master: Dict[int, Dict[str, int]]) -> Dict[str, int]:
+        total: Dict[str, int] = {}
+        for calls in per_master.values():
+            for name, count in calls.items():
+                total[name] = total.get(name, 0) + count
+        return total
+
+    def commandstats(self) -> Dict[str, int]:
+        """Calls per command since the last reset, over all the masters."""
+        return self.summed(self.master_commandstats())
+
+    def flush(self) -> None:
+        for client in self.clients.values():
+            client.flushall()
+            client.config_resetstat()
+
+    def check(self) -> None:
+        for port, proc in self.nodes.procs.items():
+            if proc.poll() is not None:
+                raise BenchError(f"the redis-server of the Redis Cluster on port {port} "
+                                 f"exited with code {proc.returncode}")
+
+    def stop(self) -> None:
+        for client in (self.client, *self.clients.values()):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a client of a server going away
+                pass
+        for proc in self.nodes.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.nodes.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass        # `EmbeddedRedisCluster.stop` kills it
+        for port in self.nodes.procs:
+            log = os.path.join(self.nodes.dir, str(port), "redis.log")
+            if os.path.exists(log):
+                shutil.copyfile(log, os.path.join(self.logdir, f"{self.name}-{port}.log"))
+        self.nodes.stop()
 
     def __enter__(self):
         return self
@@ -225,13 +372,16 @@ class System:
             proc.stop()
 
 
-def start_cluster(redis: Redis, logdir: str, io_nodes: int = 2, app_nodes: int = 1,
-                  workers: Optional[int] = 32, tag: str = "cluster", app: str = "bench.apps:app",
-                  rate_limit: Optional[float] = 0, io_options: Optional[List[str]] = None) -> \
-        System:
+def start_cluster(redis: Union[Redis, RedisCluster], logdir: str, io_nodes: int = 2,
+                  app_nodes: int = 1, workers: Optional[int] = 32, tag: str = "cluster",
+                  app: str = "bench.apps:app", rate_limit: Optional[float] = 0,
+                  io_options: Optional[List[str]] = None, name: str = "siocluster") -> System:
     """siocluster: io-nodes and app-nodes as their users run them (``python -m``), the
-    app-nodes running ``app``; ``workers`` and ``rate_limit`` None leave siocluster's
-    defaults, ``io_options`` are more flags for the io-nodes."""
+    app-nodes running ``app``, on ``redis`` (one redis-server, or a `RedisCluster`: then
+    with siocluster's default shards on a cluster); ``workers`` and ``rate_limit`` None leave
+    siocluster's defaults, ``io_options`` are more flags for the io-nodes; ``name`` is the
+    system's in the results."""
+    from siocluster.connection import is_cluster
     from siocluster.state import ClusterState, Keys
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -251,7 +401,8 @@ def start_cluster(redis: Redis, logdir: str, io_nodes: int = 2, app_nodes: int =
         for n in range(app_nodes)]
     for proc, url in zip(io_procs, urls):
         wait_for_port(int(url.rsplit(":", 1)[1]), proc)
-    state = ClusterState(redis.client, Keys(prefix))
+    # the registry of nodes: the same keys whatever the number of shards
+    state = ClusterState(redis.client, Keys(prefix, cluster=is_cluster(redis.client)))
     deadline = time.monotonic() + 30
     while len(state.nodes(role="app-node")) < app_nodes:
         for proc in app_procs:
@@ -260,21 +411,25 @@ def start_cluster(redis: Redis, logdir: str, io_nodes: int = 2, app_nodes: int =
             raise BenchError("the app-nodes did not register in 30s; their logs:\n"
                              + "\n".join(p.tail() for p in app_procs))
         time.sleep(0.05)
-    return System("siocluster", urls, {"io-node": io_procs, "app-node": app_procs})
+    return System(name, urls, {"io-node": io_procs, "app-node": app_procs})
 
 
-def start_run_cluster(redis: Redis, logdir: str, tag: str = "chat") -> System:
+def start_run_cluster(redis: Union[Redis, RedisCluster], logdir: str, tag: str = "chat",
+                      name: str = "siocluster") -> System:
     """siocluster as ``make run-cluster`` runs it (``python -m siocluster.cluster``'s
     defaults): its io-nodes, app-nodes and app, with the flags the runner gives them and
-    siocluster's defaults for the rest (app-node workers, rate limit). The runner's policy
-    server and frontend-node are left out: no chat message goes through them."""
+    siocluster's defaults for the rest (app-node workers, rate limit, shards), on one
+    redis-server or on a `RedisCluster` (as ``make run-cluster
+    REDIS_URL=redis+cluster://...`` runs it). The runner's policy server and frontend-node
+    are left out: no chat message goes through them."""
     from siocluster.cluster import argument_parser, frontend_origins
 
     options = argument_parser({}).parse_args([])
     origins = ",".join(frontend_origins(options.host, options.frontend_port))
     return start_cluster(redis, logdir, io_nodes=len(options.io_ports),
                          app_nodes=options.app_nodes, workers=None, tag=tag, app=options.app,
-                         rate_limit=None, io_options=["--cors-allowed-origins", origins])
+                         rate_limit=None, io_options=["--cors-allowed-origins", origins],
+                         name=name)
 
 
 def start_baseline(logdir: str, processes: int = 1, redis: Optional[Redis] = None,

@@ -160,3 +160,41 @@ def test_stepper_climbs_until_a_miss_then_refines():
     while not capped.done:
         capped.record({"held": True})
     assert capped.bad is None and len(capped.steps) == 3     # the ladder ran out
+
+
+def test_redis_cluster_system_is_chosen_by_name_only():
+    """siocluster on a Redis Cluster runs only when named: the default run is unchanged."""
+    from bench.__main__ import parse_args
+
+    assert "siocluster on Redis Cluster" not in parse_args([]).systems
+    args = parse_args(["--scenarios", "chat", "--systems", "siocluster,siocluster-redis-cluster"])
+    assert args.systems == ["siocluster", "siocluster on Redis Cluster"]
+    assert args.redis_cluster_masters == 3
+
+
+def test_chat_table_shows_each_master():
+    """On a Redis Cluster the chat's Redis CPU and commands per message are the masters'
+    sums, each master's under them; one Redis's table has no such rows."""
+    from bench import report
+    from bench.scenarios import per_master
+
+    window = {"seconds": 2.0, "cores": {"redis-server": 0.3},
+              "redis_masters": {"7001": {"cores": 0.1, "calls": 300},
+                                "7000": {"cores": 0.2, "calls": 100}}}
+    masters = per_master(window, 1000)
+    assert masters["master 1"] == {"port": 7000, "cpu_us_per_message": 400.0,
+                                   "commands_per_message": 0.1, "share_of_commands": 0.25}
+    assert masters["master 2"]["cpu_us_per_message"] == 200.0
+    assert per_master({"seconds": 2.0, "cores": {}}, 1000) is None
+
+    step = {"in_per_s": 10.0, "out_per_s": 100.0, "held": True,
+            "cpu_us_per_message": {"redis-server": 600.0},
+            "redis_per_message": {"total": 0.4}, "redis_per_master": masters}
+    results = {"systems": {"siocluster on Redis Cluster": {"chat": {
+        "best_held": step, "steps": [step], "peak_out_per_s": 100.0}}}}
+    text = report.table(results)
+    for line in ("CPU us per message in: redis-server", "redis-server master 1 of 2",
+                 "redis-server master 2 of 2", "on master 1 of 2"):
+        assert line in text, text
+    del step["redis_per_master"]
+    assert "master 1" not in report.table(results)
