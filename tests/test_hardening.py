@@ -217,7 +217,7 @@ def test_messages_whose_give_back_failed_are_handled_once_redis_answers(cluster,
                message="connects and events not in the inbox")
     node = AppNode(app, cluster.config.replace(workers=1))
     cluster.app_nodes.append(node)
-    give_back, failed = node.inbox.give_back, []
+    give_back, failed = node.inbox.first.give_back, []
 
     def fails_once(*args, **kwargs):
         if not failed:
@@ -225,7 +225,7 @@ def test_messages_whose_give_back_failed_are_handled_once_redis_answers(cluster,
             raise RedisConnectionError("injected: Redis went away during a give-back")
         return give_back(*args, **kwargs)
 
-    node.inbox.give_back = fails_once
+    node.inbox.first.give_back = fails_once
     # Redis has the inbox's scripts, as once any app-node ran: the first take is not given
     # back for want of them
     node.inbox.load_scripts()

@@ -319,11 +319,11 @@ def test_commands_trimmed_before_an_io_node_read_them_are_reported(config, redis
         with caplog.at_level(logging.WARNING, logger="siocluster.io-node"):
             write(40)                  # an outage the stream's retention covers
             io.readers[0].check_due = True
-            io._listen_step()
+            io._listen_step(io.readers[0])
             assert "trimmed" not in caplog.text
             write(300)                 # a longer one: only the last 50 are kept
             io.readers[0].check_due = True
-            io._listen_step()
+            io._listen_step(io.readers[0])
         assert "250 command batch(es)" in caplog.text and "STREAM_MAXLEN" in caplog.text
         assert io.readers[0].last_ids[stream] == redis_client.xrevrange(stream, count=1)[0][0]
     finally:
