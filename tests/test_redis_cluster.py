@@ -1,16 +1,20 @@
 """siocluster on a real Redis Cluster: 3 masters started by the test session
 (`EmbeddedRedisCluster`), io-nodes and app-nodes in this process, real Socket.IO clients."""
 
+import shutil
+import subprocess
 import time
+import types
 import uuid
 
 import gevent
 import pytest
+import redis
 from redis.crc import key_slot
 
 from siocluster import App, Config
 from tests.conftest import Cluster
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.test_recovery import (
     FAST_RECONNECT,
     Sender,
@@ -68,7 +72,50 @@ def test_shards_spread_over_the_masters(on_cluster, redis_cluster):
     assert len(masters) == 3
 
 
-def test_chat_and_ordered_session_over_two_io_nodes(on_cluster):
+@pytest.fixture(params=["redis-cluster", "3-shards-on-one-redis", "sentinel"])
+def anywhere(request):
+    """A cluster on a Redis Cluster, on one Redis with 3 shards, and on one Redis behind
+    Sentinel (one shard, the keys of old): the same code on each."""
+    if request.param == "redis-cluster":
+        config = cluster_config(request.getfixturevalue("redis_cluster"))
+    elif request.param == "3-shards-on-one-redis":
+        config = request.getfixturevalue("config").replace(shards=3, workers=6)
+    else:
+        config = request.getfixturevalue("config").replace(
+            redis_url=request.getfixturevalue("sentinel").url)
+    cluster = Cluster(config)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def sentinel(redis_server, tmp_path):
+    """A redis-sentinel watching the session's redis-server as ``mymaster``."""
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {tmp_path}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {redis_server.port} 1\n")
+    proc = subprocess.Popen([shutil.which("redis-server"), str(conf), "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+
+    def knows_master():
+        try:
+            return client.sentinel_get_master_addr_by_name("mymaster") is not None
+        except redis.exceptions.RedisError:
+            return False
+
+    try:
+        wait_until(knows_master, timeout=10, message="redis-sentinel did not start")
+        yield types.SimpleNamespace(url=f"redis+sentinel://127.0.0.1:{port}/mymaster/0")
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_chat_and_ordered_session_over_two_io_nodes(anywhere):
+    on_cluster = anywhere
     app = counter_app()
     io_a, io_b = on_cluster.io_node(), on_cluster.io_node()
     on_cluster.app_node(app)
