@@ -278,8 +278,11 @@ class AppNode(Finisher, Taking, AppTelemetry, Node):
 def main(argv=None) -> None:
     import argparse
 
+    from redis.exceptions import RedisError
+
     from . import logs
     from .config import Config
+    from .connection import refuse_cluster_node, start_failure
     from .entry import listen_error
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
@@ -296,9 +299,11 @@ def main(argv=None) -> None:
     try:
         node = AppNode(args.app, config, background_tasks=args.background_tasks)
         logs.identify(node.id)
+        node.check_redis()
+        refuse_cluster_node(node.redis, config.effective_redis_url)
         node.start()
-    except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
-        raise SystemExit(f"app-node: {exc}")
+    except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
+        raise SystemExit(f"app-node: {start_failure(exc, config.effective_redis_url)}")
     if args.http_port is not None or os.environ.get("SIOCLUSTER_HTTP_PORT"):
         # its own port, given: /metrics, /healthz and /readyz
         try:

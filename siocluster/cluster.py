@@ -115,8 +115,7 @@ class ClusterRunner:
         self._width = max(len(c.name) for c in nodes + [Child("cluster", [])])
         self._check_ports(nodes)
         if self.redis_url:
-            check_redis(self.redis_url)
-            self.say(f"using Redis at {self.redis_url.split('@')[-1]}, key prefix {o.prefix!r}")
+            self.say(f"using {check_redis(self.redis_url)}, key prefix {o.prefix!r}")
         else:
             self._start_redis()
         for child in nodes:
@@ -212,7 +211,9 @@ class ClusterRunner:
         registered; a node that exits meanwhile fails the start."""
         from .state import ClusterState, Keys
 
-        state = ClusterState(make_redis(self.redis_url), Keys(self.options.prefix))
+        # the registry's keys as the nodes lay them out (on a Redis Cluster: in a hash tag)
+        keys = Keys(self.options.prefix, cluster="+cluster" in self.redis_url.split("://")[0])
+        state = ClusterState(make_redis(self.redis_url), keys)
         listening = [c for c in nodes if c.port is not None]
         deadline = time.monotonic() + START_TIMEOUT
         wanted_apps = sum(1 for c in nodes if c.port is None)

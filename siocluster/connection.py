@@ -106,6 +106,51 @@ def make_redis(url: str, options: Optional[dict] = None):
     return redis.Redis.from_url(url, **opts)
 
 
+def refuse_cluster_node(client, url: str) -> None:
+    """A RuntimeError naming REDIS_URL when a one-Redis URL names a node of a Redis Cluster
+    (its commands would be refused with MOVED or CROSSSLOT, or land on one master); nothing
+    when it cannot tell (INFO not allowed, Redis away: the node's own check says so)."""
+    from redis.exceptions import RedisError
+
+    if is_cluster(client):
+        return
+    try:
+        enabled = str(client.info("cluster").get("cluster_enabled", "0")) == "1"
+    except (RedisError, OSError):
+        return
+    if enabled:
+        scheme, _, rest = url.partition("://")
+        raise RuntimeError(f"REDIS_URL: the Redis at {scheme}://{rest.rpartition('@')[2]} is a "
+                           "node of a Redis Cluster: name the cluster's nodes with "
+                           "redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS)")
+
+
+def start_failure(exc: Exception, url: str) -> str:
+    """What a node says when Redis fails its start: a RuntimeError's own words (they say
+    what to do already); a Redis error, with REDIS_URL (no secrets) and what to do."""
+    from redis import exceptions as errors
+
+    from .slots import ClusterUnavailable
+
+    if isinstance(exc, RuntimeError):
+        return str(exc)
+    scheme, _, rest = url.partition("://")
+    shown = f"{scheme}://{rest.rpartition('@')[2]}"
+    if isinstance(exc, (errors.MovedError, errors.AskError, errors.ClusterCrossSlotError)):
+        return (f"REDIS_URL: the Redis at {shown} is a node of a Redis Cluster "
+                f"({exc.__class__.__name__}: {exc}): name the cluster's nodes with "
+                "redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS)")
+    if isinstance(exc, (errors.ClusterDownError, errors.TryAgainError, ClusterUnavailable)):
+        return (f"REDIS_URL: the Redis Cluster at {shown} does not serve every slot ({exc}): "
+                "a master is down without a replica to take over. Check it with redis-cli "
+                "--cluster check host:port, then start the node again")
+    if "+cluster" in scheme and isinstance(exc, errors.ConnectionError):
+        return (f"REDIS_URL: a master of the Redis Cluster at {shown} cannot be reached "
+                f"({exc}): is it down without a replica to take over? Check the cluster with "
+                "redis-cli --cluster check host:port, then start the node again")
+    return f"REDIS_URL: Redis at {shown} failed the start: {exc.__class__.__name__}: {exc}"
+
+
 class Direct:
     """Round trips on a connection of its own, for one loop's hot path: the commands of a
     redis-py pipeline, or one command, packed and sent in one write and their replies

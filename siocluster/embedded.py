@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import redis
 
-from .connection import make_redis, parse_redis_url
+from .connection import make_redis, parse_redis_url, refuse_cluster_node
 from .errors import ConfigError
 from .net import bind_error, free_port
 
@@ -64,19 +64,48 @@ class EmbeddedRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def check_redis(url: str) -> None:
-    """Make sure the Redis at ``url`` answers before any node is started on it."""
+def check_redis(url: str) -> str:
+    """Make sure the Redis at ``url`` answers before any node is started on it (on a Redis
+    Cluster: that it serves every slot; a plain URL: that it names no cluster node); returns
+    what it is, for the runner's line: ``Redis at ...`` or ``Redis Cluster at ... (N masters)``."""
+    scheme, _, rest = url.partition("://")
+    shown = f"{scheme}://{rest.rpartition('@')[2]}"     # no secrets
+    fix = "fix --redis-url (REDIS_URL=... for make), or leave it out to use an embedded " \
+          "redis-server."
     try:
-        parse_redis_url(url)
+        cluster = "seeds" in parse_redis_url(url)
         client = make_redis(url)
-        client.ping()
-        client.close()
     except ConfigError as exc:
         raise SystemExit(str(exc))
+    except RuntimeError as exc:     # a Redis Cluster that cannot be reached: says why
+        raise SystemExit(f"{exc}; or {fix}")
     except Exception as exc:
-        raise SystemExit(f"cannot reach Redis at {url.split('@')[-1]}: {exc}. "
-                         "Start it, fix --redis-url (REDIS_URL=... for make), or leave it "
-                         "out to use an embedded redis-server.")
+        raise SystemExit(f"cannot reach Redis at {shown}: {exc}. Start it, or {fix}")
+    try:
+        if cluster:
+            info = client.cluster_info()
+            masters = len(client.get_primaries())
+        else:
+            client.ping()
+            refuse_cluster_node(client, url)
+    except RuntimeError as exc:     # a plain URL naming a node of a Redis Cluster
+        raise SystemExit(str(exc))
+    except Exception as exc:
+        if cluster:
+            raise SystemExit(f"REDIS_URL: the Redis Cluster at {shown} does not answer ({exc}): "
+                             f"check it with redis-cli --cluster check host:port, or {fix}")
+        raise SystemExit(f"cannot reach Redis at {shown}: {exc}. Start it, or {fix}")
+    finally:
+        client.close()
+    if cluster:
+        if info.get("cluster_state") != "ok":
+            raise SystemExit(
+                f"REDIS_URL: the Redis Cluster at {shown} does not serve every slot "
+                f"(cluster_state:{info.get('cluster_state')}, {info.get('cluster_slots_ok')} of "
+                f"{SLOTS} slots served): a master is down without a replica to take over. Check "
+                f"it with redis-cli --cluster check host:port, or {fix}")
+        return f"Redis Cluster at {shown} ({masters} masters)"
+    return f"Redis at {shown}"
 
 
 SLOTS = 16384           # hash slots of a Redis Cluster, all of which must have a master

@@ -410,8 +410,11 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
 def main(argv=None) -> None:
     import argparse
 
+    from redis.exceptions import RedisError
+
     from . import logs
     from .config import Config, ConfigError
+    from .connection import refuse_cluster_node, start_failure
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.ionode",
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
@@ -421,8 +424,9 @@ def main(argv=None) -> None:
         node = IoNode(config)
         logs.identify(node.id)
         node.check_redis()
-    except RuntimeError as exc:      # Redis unreachable, a wrong password: already says what to do
-        raise SystemExit(f"io-node: {exc}")
+        refuse_cluster_node(node.redis, config.effective_redis_url)
+    except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
+        raise SystemExit(f"io-node: {start_failure(exc, config.effective_redis_url)}")
     # listening before registering: the frontend-node lists registered io-nodes to browsers
     try:
         node.start_server()

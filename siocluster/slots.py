@@ -270,6 +270,10 @@ def make_cluster_client(seeds: List[Tuple[str, int]], options: dict) -> ClusterC
                              **options)
     except Exception as exc:    # redis-py's RedisClusterException, or a connection error
         shown = ",".join(f"{host}:{port}" for host, port in seeds)
+        if "cluster mode is not enabled" in str(exc).lower():
+            raise RuntimeError(f"REDIS_URL: the Redis at {shown} is not a Redis Cluster node "
+                               f"(cluster mode is not enabled on it): name one Redis with "
+                               f"redis://host:port/db, a cluster with redis+cluster://") from None
         raise RuntimeError(f"REDIS_URL: cannot reach a Redis Cluster through {shown} ({exc}). "
                            "Check that the seeds are nodes of a running cluster whose slots "
                            "are all served (redis-cli --cluster check host:port)") from None
