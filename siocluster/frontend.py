@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, jsonify, redirect, request, send_from_directory
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -83,11 +84,20 @@ class Frontend:
         self.served = {"listed": 0, "unavailable": 0}     # io-node lists given, and refused
         self.listed = 0                                    # io-nodes in the last list
         self.observer = observe.Observer(self)
-        self.state = None
-        if not config.io_servers:
-            redis = config.redis_client(**{**REDIS_OPTIONS, **config.redis_options})
-            self.state = ClusterState(redis, config.keys())
+        self._state = None        # made at first use: a Redis Cluster client connects at once
         self._redis_down = False
+
+    @property
+    def state(self) -> Optional[ClusterState]:
+        """The cluster state the live io-node list is read from (None with IO_SERVERS);
+        raises `RedisError` while Redis (a whole Redis Cluster) cannot be reached."""
+        if self._state is None and not self.config.io_servers:
+            try:
+                redis = self.config.redis_client(**{**REDIS_OPTIONS, **self.config.redis_options})
+            except RuntimeError as exc:     # a Redis Cluster none of whose seeds answer
+                raise RedisConnectionError(str(exc)) from None
+            self._state = ClusterState(redis, self.config.keys())
+        return self._state
 
     def io_servers(self, request_host: str, scheme: str = "http") -> List[dict]:
         """The io-nodes a browser may use; raises `RedisError` or `OSError` when Redis is down.
@@ -153,7 +163,7 @@ class Frontend:
                             self.listed)
 
     def readiness(self) -> dict:
-        if self.state is None:
+        if self.config.io_servers:
             return {"redis": (True, "not needed: IO_SERVERS lists the io-nodes")}
         try:
             self.state.redis.ping()

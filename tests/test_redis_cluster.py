@@ -311,3 +311,11 @@ def test_a_node_with_other_shards_than_the_cluster_refuses_to_start(on_cluster):
             other.start()
     finally:
         other.redis.close()
+
+
+def test_a_frontend_whose_redis_cluster_is_unreachable_starts_and_says_so():
+    from siocluster.frontend import Frontend
+
+    frontend = Frontend(Config(redis_url=f"redis+cluster://127.0.0.1:{free_port()}"))
+    ok, detail = frontend.readiness()["redis"]
+    assert not ok and "unreachable" in detail
