@@ -282,7 +282,7 @@ def main(argv=None) -> None:
 
     from . import logs
     from .config import Config
-    from .connection import refuse_cluster_node, start_failure
+    from .connection import start_failure
     from .entry import listen_error
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
@@ -300,7 +300,6 @@ def main(argv=None) -> None:
         node = AppNode(args.app, config, background_tasks=args.background_tasks)
         logs.identify(node.id)
         node.check_redis()
-        refuse_cluster_node(node.redis, config.effective_redis_url)
         node.start()
     except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
         raise SystemExit(f"app-node: {start_failure(exc, config.effective_redis_url)}")

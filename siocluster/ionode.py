@@ -414,7 +414,7 @@ def main(argv=None) -> None:
 
     from . import logs
     from .config import Config, ConfigError
-    from .connection import refuse_cluster_node, start_failure
+    from .connection import start_failure
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.ionode",
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
@@ -424,7 +424,6 @@ def main(argv=None) -> None:
         node = IoNode(config)
         logs.identify(node.id)
         node.check_redis()
-        refuse_cluster_node(node.redis, config.effective_redis_url)
     except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
         raise SystemExit(f"io-node: {start_failure(exc, config.effective_redis_url)}")
     # listening before registering: the frontend-node lists registered io-nodes to browsers

@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import defaults, observe
 from .config import Config, as_config
+from .connection import refuse_cluster_node
 from .recovery import Recovery
 from .state import ClusterState
 
@@ -112,6 +113,7 @@ class Node:
         except REDIS_DOWN as exc:
             raise RuntimeError(f"cannot reach Redis at {shown}: {exc}. Start redis-server, "
                                "or set SIOCLUSTER_REDIS_URL / --redis-url to where it runs.")
+        refuse_cluster_node(self.redis, url)
         self.check_layout()
 
     def check_layout(self) -> None:

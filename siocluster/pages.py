@@ -66,8 +66,11 @@ def main(argv=None) -> None:
     import argparse
     import logging
 
+    from redis.exceptions import RedisError
+
     from . import logs
     from .config import Config, ConfigError
+    from .connection import start_failure
     from .entry import listen_error
 
     parser = argparse.ArgumentParser(
@@ -89,12 +92,14 @@ def main(argv=None) -> None:
         node = pages_node(wsgi_app, config, module, args.background_tasks)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"pages: {exc}")
+    except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
+        raise SystemExit(f"pages: {start_failure(exc, config.effective_redis_url)}")
     logs.identify(node.id)
     try:
         node.check_redis()
         node.start_server()
-    except RuntimeError as exc:
-        raise SystemExit(f"pages: {exc}")
+    except (RuntimeError, RedisError) as exc:
+        raise SystemExit(f"pages: {start_failure(exc, config.effective_redis_url)}")
     except ConfigError as exc:
         raise SystemExit(f"pages: {exc}")
     except OSError as exc:
