@@ -125,6 +125,11 @@ class Router:
             slot = slots.pop() if slots else None
             block = [(("MULTI",), {}), *commands, (("EXEC",), {})]
             replies = self._attempt([(slot, block)], parse=False, conns=conns)[0]
+            if any(isinstance(reply, (MovedError, AskError)) for reply in replies):
+                # the slot moved: nothing of the block ran (EXECABORT); it is sent again
+                # by its loop, to where the new layout says
+                self.refresh()
+                raise ClusterUnavailable("a MULTI block's slot moved to another master")
             replies = replies[-1] if isinstance(replies[-1], list) else replies[1:-1]
             return self._parsed(commands, replies) if parse else replies
         replies: list = [None] * len(commands)
