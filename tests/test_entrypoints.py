@@ -37,9 +37,19 @@ def gunicorn_io_node(port, env, *options):
 
 
 def _live(config, role):
-    from siocluster.state import ClusterState, Keys
+    from siocluster.state import ClusterState
 
-    return ClusterState(config.redis_client(), Keys(config.prefix)).nodes(role=role)
+    return ClusterState(config.redis_client(), config.keys()).nodes(role=role)
+
+
+@pytest.fixture(params=["one-redis", "redis-cluster"])
+def anywhere(request, config, node_env):
+    """The test's cluster config and node environment, on one Redis and on a Redis Cluster
+    (``redis+cluster://``)."""
+    if request.param == "one-redis":
+        return config, node_env
+    url = request.getfixturevalue("redis_cluster").url
+    return config.replace(redis_url=url), dict(node_env, SIOCLUSTER_REDIS_URL=url)
 
 
 def _echo_through(port, transport="websocket"):
@@ -51,7 +61,8 @@ def _echo_through(port, transport="websocket"):
         client.close()
 
 
-def test_python_m_ionode_and_appnode(config, node_env):
+def test_python_m_ionode_and_appnode(anywhere):
+    config, node_env = anywhere
     port = free_port()
     io = Process([sys.executable, "-m", "siocluster.ionode", "--port", str(port)], node_env)
     app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo",
@@ -108,7 +119,8 @@ def test_a_bad_log_setting_is_refused_with_its_name(node_env):
     assert proc.returncode != 0 and "LOG_FORMAT" in proc.stderr
 
 
-def test_gunicorn_runs_an_io_node(config, node_env):
+def test_gunicorn_runs_an_io_node(anywhere):
+    config, node_env = anywhere
     pytest.importorskip("gunicorn")
     port = free_port()
     gunicorn = gunicorn_io_node(port, node_env)
