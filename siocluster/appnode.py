@@ -261,7 +261,7 @@ class AppNode(Finisher, Taking, AppTelemetry, Node):
         if batch is not None and batch.rest:
             self._give_back(batch.take_rest())
         if batch is not None and batch.lane.busy >= batch.lane.workers:
-            self._give_back_ready()
+            self._give_back_ready([batch.lane])     # no worker of its lane is free
         context = current()
         commands = context.commands if context is not None and context.node is self else []
         done = batch.take_done() if batch is not None else []

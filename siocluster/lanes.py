@@ -119,9 +119,10 @@ class Taking:
             # the processing list when Redis returns, `_recover` gives them back
             self._release(turn.sid for turn in turns)
 
-    def _give_back_ready(self) -> None:
-        """Turns taken and not started by any worker go back to the inbox."""
-        for lane in self.lanes:
+    def _give_back_ready(self, lanes=None) -> None:
+        """Turns taken and not started by any worker (of ``lanes``, all by default) go
+        back to the inbox."""
+        for lane in self.lanes if lanes is None else lanes:
             if lane.ready:
                 unstarted, lane.ready = list(lane.ready), collections.deque()
                 self._give_back(unstarted)
