@@ -186,9 +186,12 @@ class Numbered(Sender):
 
 
 @pytest.mark.timeout(180)
-def test_a_master_killed_mid_chat_is_replaced_and_the_chat_goes_on(redis_cluster_replicated):
-    """SIGKILL the master of a sender's shard while the room talks: its replica takes over
-    and the chat goes on through it. Measured and printed: what was lost to asynchronous
+@pytest.mark.parametrize("victim", ["a sender's shard", "the registry"])
+def test_a_master_killed_mid_chat_is_replaced_and_the_chat_goes_on(redis_cluster_replicated,
+                                                                   victim):
+    """SIGKILL the master of a sender's shard (or the one holding the node registry and
+    heartbeats) while the room talks: its replica takes over and the chat goes on through
+    it, no node taken for dead. Measured and printed: what was lost to asynchronous
     replication (writes the killed master took and its replica never had) and what was
     delivered twice (a round trip whose reply died with the master, sent again)."""
     cluster = Cluster(cluster_config(redis_cluster_replicated, heartbeat_interval=0.5,
@@ -203,8 +206,8 @@ def test_a_master_killed_mid_chat_is_replaced_and_the_chat_goes_on(redis_cluster
         for client in (*listeners, *senders):
             assert client.call("join", "r") == ["joined"]
         keys = cluster.config.keys()
-        victim = redis_cluster_replicated.master_of_slot(
-            key_slot(keys.shard(senders[0].sid).ready.encode()))
+        key = keys.shard(senders[0].sid).ready if victim != "the registry" else keys.nodes
+        victim = redis_cluster_replicated.master_of_slot(key_slot(key.encode()))
         talks = [Steady(sender, "r", 100_000 * k) for k, sender in enumerate(senders)]
         wait_until(lambda: len(numbers(listeners[0])) >= 60, timeout=10)
         killed_at = time.monotonic()
