@@ -48,7 +48,7 @@ class Rejoin:
         self._quiet: Set[str] = set()      # connections dropped because their client is back
         self._applying = gevent.lock.Semaphore()     # held while commands are applied
         # the last entry applied of each shard's stream every io-node reads
-        self.applied = ["0-0"] * len(self.readers if len(self.readers) > 1 else [0])
+        self.applied = ["0-0"] * len(self.readers)
 
     # ---- IoSocketServer's hooks ---------------------------------------------------------
 

@@ -49,10 +49,9 @@ class Inboxes:
         side; the positions in ``batch`` of what was refused for space."""
         if len(self.shards) == 1:
             return self.shards[0].push(batch, records, state)
-        parts = {}
+        parts = {}      # shard -> positions in the batch, its items, its records
         for position, item in enumerate(batch):
-            parts.setdefault(self.keys.shard(item[1]).index, ([], [], []))
-            part = parts[self.keys.shard(item[1]).index]
+            part = parts.setdefault(self.keys.shard(item[1]).index, ([], [], []))
             part[0].append(position)
             part[1].append(item)
         for record in records:

@@ -72,9 +72,9 @@ def slot_of(args: Sequence) -> Optional[int]:
     if name in ("XREAD", "XREADGROUP"):
         upper = [str(a).upper() for a in args]
         return key_slot(_encoded(args[upper.index("STREAMS") + 1]))
-    if name in ("XINFO", "OBJECT", "MEMORY", "SCRIPT", "CLIENT", "CLUSTER"):
-        return key_slot(_encoded(args[2])) if name in ("XINFO", "OBJECT", "MEMORY") else None
-    if name in ("PING", "MULTI", "EXEC", "INFO", "TIME"):
+    if name in ("XINFO", "OBJECT", "MEMORY"):       # a subcommand, then the key
+        return key_slot(_encoded(args[2]))
+    if name in ("PING", "MULTI", "EXEC", "INFO", "TIME", "SCRIPT", "CLIENT", "CLUSTER"):
         return None
     return key_slot(_encoded(args[1])) if len(args) > 1 else None
 

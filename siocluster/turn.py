@@ -113,13 +113,14 @@ def add_finish(node, pipe, turns: List[Turn], running: Optional[Turn], commands)
         session = turn.changed_session()
         if session is not None:
             pipe.set(turn.lane.inbox.keys.session(turn.sid), session)
-    finishes = [f for turn in turns for f in turn.finishes]
-    for finish in finishes:
+    # each handler's commands, with the shard of its client (whose stream they go to)
+    batches = [(f, turn.lane.inbox.keys) for turn in turns for f in turn.finishes]
+    for finish, _ in batches:
         if finish.writes is not None:
             finish.writes.replay(pipe)
     deferred = len(pipe)
-    streams = node.streams.write(pipe, [f.commands for f in finishes] + [commands],
-                                 [turn.lane.inbox.keys for turn in turns for _ in turn.finishes]
+    streams = node.streams.write(pipe, [f.commands for f, _ in batches] + [commands],
+                                 [shard for _, shard in batches]
                                  + [running.lane.inbox.keys if running else None])
     dead_letters = []
     for turn in turns:
