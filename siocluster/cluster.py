@@ -113,10 +113,10 @@ class ClusterRunner:
         o = self.options
         nodes = self._plan()
         self._width = max(len(c.name) for c in nodes + [Child("cluster", [])])
-        self._check_ports(nodes)
-        if self.redis_url:
+        if self.redis_url:      # first: a wrong URL is the mistake to hear of, not a port
             self.say(f"using {check_redis(self.redis_url)}, key prefix {o.prefix!r}")
-        else:
+        self._check_ports(nodes)
+        if not self.redis_url:
             self._start_redis()
         for child in nodes:
             self._spawn(child)

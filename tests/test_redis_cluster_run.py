@@ -27,7 +27,7 @@ from flask import Flask
 from siocluster import App, Config, make_frontend_server
 from siocluster.embedded import EmbeddedRedisCluster
 from siocluster.state import ClusterState
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, free_port_run, wait_until
 from tests.test_faults import FAST, Nodes, connect
 from tests.test_run_cluster import ROOT, Runner, browser_like, call, children_of, gone, read_js
 
@@ -312,7 +312,7 @@ ENTRY_POINTS = {
                             {"SIOCLUSTER_REDIS_URL": url}),
     "runner": lambda url: (["siocluster.cluster", "--redis-url", url, "--frontend-port",
                             str(free_port()), "--io-ports", str(free_port()), "--app-port",
-                            str(free_port()), "--policy-port", str(free_port())], {}),
+                            str(free_port_run(2)), "--policy-port", str(free_port())], {}),
 }
 
 
