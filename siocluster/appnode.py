@@ -299,8 +299,7 @@ def main(argv=None) -> None:
     try:
         node = AppNode(args.app, config, background_tasks=args.background_tasks)
         logs.identify(node.id)
-        node.check_redis()
-        node.start()
+        node.start()        # checks Redis first
     except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
         raise SystemExit(f"app-node: {start_failure(exc, config.effective_redis_url)}")
     if args.http_port is not None or os.environ.get("SIOCLUSTER_HTTP_PORT"):

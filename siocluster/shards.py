@@ -38,7 +38,7 @@ class Inboxes:
 
     def of(self, sid: str) -> Inbox:
         """The inbox of a client's shard."""
-        return self.shards[self.keys.shard(sid).index] if len(self.shards) > 1 else self.shards[0]
+        return self.shards[self.keys.shard(sid).index]
 
     @property
     def first(self) -> Inbox:
