@@ -22,7 +22,7 @@ _EXPORTS = {
     "IoNode": "ionode",
     "Client": "ioclient",
     "IoSocketServer": "engine",
-    "RecoveringClient": "engine",
+    "RecoveringClient": "recovering",
     "PolicyServer": "policy",
     "make_blueprint": "frontend",
     "make_frontend_server": "frontend",

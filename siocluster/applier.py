@@ -25,8 +25,8 @@ class CommandApplier:
         args = unpack_args(command)
         if "@" in command:
             args.append(command["@"])    # its offset: a client that comes back says it saw it
-        self.sio.emit(command["event"], args_to_data(args) if args else None,
-                      to=command.get("to"), skip_sid=command.get("skip"), namespace=ns)
+        engine.emit(self.sio, command["event"], args, to=command.get("to"),
+                    skip=command.get("skip"), namespace=ns)
         self.fire("app publish", command)
 
     def _apply_let_go(self, command: dict, ns: str) -> None:

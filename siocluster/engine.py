@@ -28,7 +28,6 @@ that every name it relies on is there.
 
 import logging
 import struct
-import time
 
 import engineio
 import gevent
@@ -39,6 +38,7 @@ from engineio.socket import Socket
 from socketio import packet as sio_packet
 
 from . import defaults
+from .envelope import args_to_data
 from .ioclient import shown
 from .transport import FrameWriter, Holding, MessageCap, Pinger, PollingBounds, attachment_count
 
@@ -193,7 +193,6 @@ class EngineSocket(PollingBounds, Socket):
         self.queue.put(eio_packet.Packet(eio_packet.NOOP))     # ends the pending poll
         return eio_packet.Packet(encoded_packet=websocket_wait()).packet_type == \
             eio_packet.UPGRADE
-
 
 
 class EngineServer(engineio.Server):
@@ -382,8 +381,56 @@ def hook_events(sio: socketio.Server, handler) -> None:
 
 def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args: list) -> None:
     """Answer a client's event ``ack_id`` with ``args``, later than python-socketio would."""
-    sio._send_packet(eio_sid, sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id,
-                                               data=list(args)))
+    pkt = sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id, data=list(args))
+    encoded = pkt.encode()
+    writer = _writer(sio, eio_sid)
+    if writer is None or isinstance(encoded, list):
+        sio._send_packet(eio_sid, pkt)
+    else:
+        writer.write(websocket_frame(eio_packet.Packet(eio_packet.MESSAGE, encoded)))
+
+
+def emit(sio: socketio.Server, event: str, args: list, to=None, skip=None,
+         namespace: str = "/") -> None:
+    """``sio.emit(event, *args, to=to, skip_sid=skip, namespace=namespace)``: the frame is
+    written straight to each websocket client's `FrameWriter`, not down python-socketio's
+    five layers per recipient (they cost more than the write). Polling or held clients,
+    several rooms, binary data, another client manager: python-socketio's own way."""
+    manager = sio.manager
+    if type(manager) not in (IoManager, socketio.Manager) or not isinstance(to, (str, type(None))):
+        return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
+                        namespace=namespace)
+    room = manager.rooms.get(namespace, {}).get(to)
+    if not room:
+        return
+    encoded = sio.packet_class(sio_packet.EVENT, namespace=namespace,
+                               data=[event, *args]).encode()
+    if isinstance(encoded, list):         # binary: a packet and its attachments
+        return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
+                        namespace=namespace)
+    eio_pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+    frame = websocket_frame(eio_pkt)
+    skip = skip if isinstance(skip, list) else (skip,)
+    # a copy: a write can cut a slow client off, and its disconnect leaves the room
+    for sid, eio_sid in list(room.items()):
+        if sid in skip:
+            continue
+        writer = _writer(sio, eio_sid)
+        if writer is None:
+            sio._send_eio_packet(eio_sid, eio_pkt)
+        else:
+            writer.write(frame)
+
+
+def _writer(sio: socketio.Server, eio_sid: str):
+    """The `FrameWriter` a packet for ``eio_sid`` may be written to right now, or None
+    (polling, closed, packets held until its CONNECT, not an `EngineSocket`)."""
+    sock = sio.eio.sockets.get(eio_sid)
+    writer = getattr(sock, "writer", None)
+    if writer is None or sock.closed:
+        return None
+    held = getattr(sio, "held", None)
+    return None if held and eio_sid in held else writer
 
 
 def origin_allowed(sio: socketio.Server, environ: dict) -> bool:
@@ -400,51 +447,3 @@ def origin_allowed(sio: socketio.Server, environ: dict) -> bool:
 def bind_namespace(namespace_handler: socketio.Namespace, app) -> None:
     """Bind a class-based namespace to ``app`` as python-socketio's server binds its own."""
     namespace_handler._set_server(app)
-
-
-class RecoveringClient(socketio.Client):
-    """python-socketio's client, speaking connection-state recovery as socket.io's own
-    client (4.6+) does: it keeps the private id the server gives each namespace and the
-    offset that ends each event (taken off before handlers see it), and presents both when
-    it reconnects, so it comes back as itself. ``recovered[namespace]`` tells whether the
-    last connect did. Also ``siocluster.RecoveringClient``."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pids, self.offsets, self.recovered = {}, {}, {}
-
-    def _handle_connect(self, namespace, data):
-        namespace = namespace or "/"
-        pid = data.get("pid") if isinstance(data, dict) else None
-        self.recovered[namespace] = bool(pid) and self.pids.get(namespace) == pid
-        if pid:
-            self.pids[namespace] = pid
-        super()._handle_connect(namespace, data)
-
-    def _handle_event(self, namespace, id, data):
-        namespace = namespace or "/"
-        if id is None and namespace in self.pids and len(data) > 1 \
-                and isinstance(data[-1], str):
-            self.offsets[namespace] = data[-1]
-            data = data[:-1]
-        super()._handle_event(namespace, id, data)
-
-    def _send_packet(self, pkt):
-        namespace = pkt.namespace or "/"
-        if pkt.packet_type == sio_packet.CONNECT and namespace in self.pids:
-            fields = {"pid": self.pids[namespace]}
-            if namespace in self.offsets:
-                fields["offset"] = self.offsets[namespace]
-            pkt.data = {**fields, **(pkt.data if isinstance(pkt.data, dict) else {})}
-        super()._send_packet(pkt)
-
-    def disconnect(self):
-        # python-socketio's client closes its websocket at once, often before the
-        # DISCONNECT packets are out; the server would then take a mere transport close,
-        # and keep the client's state for it to come back: the packets go out first
-        for namespace in self.namespaces:
-            self._send_packet(self.packet_class(sio_packet.DISCONNECT, namespace=namespace))
-        deadline = time.monotonic() + 1.0
-        while getattr(self.eio.queue, "unfinished_tasks", 0) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        self.eio.disconnect()

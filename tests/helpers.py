@@ -10,8 +10,8 @@ import requests
 import websocket
 
 from siocluster import Config
-from siocluster.engine import RecoveringClient
 from siocluster.inbox import Inbox
+from siocluster.recovering import RecoveringClient
 
 
 def free_port() -> int:

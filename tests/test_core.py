@@ -106,6 +106,28 @@ def test_skip_sid(cluster):
     assert b.received("shouted") == [[{"room": "r", "text": "not me", "skip_me": True}]]
 
 
+def test_one_room_of_websocket_and_polling_clients_gets_every_emit_once_in_order(cluster):
+    """An emit's frame is written straight to websocket clients and goes python-socketio's
+    way to polling ones (`engine.emit`): each member gets each emit once and in order,
+    skip and binary data included."""
+    app, _ = chat_app()
+    io = cluster.io_node()
+    cluster.app_node(app)
+    ws, polling, ws2 = (cluster.client(io), cluster.client(io, transport="polling"),
+                        cluster.client(io))
+    for client in (ws, polling, ws2):
+        assert client.call("join", "mixed") == ["joined"]
+    ws.call("shout", {"room": "mixed", "text": "one"})
+    ws.call("shout", {"room": "mixed", "text": "two", "skip_me": True})
+    polling.call("shout", {"room": "mixed", "text": b"\x00three"})
+    for client in (ws, polling, ws2):
+        client.expect("done", count=3)
+    texts = {name: [args[0]["text"] for args in client.received("shouted")]
+             for name, client in (("ws", ws), ("polling", polling), ("ws2", ws2))}
+    assert texts == {"ws": ["one", b"\x00three"], "polling": ["one", "two", b"\x00three"],
+                     "ws2": ["one", "two", b"\x00three"]}
+
+
 def test_join_leave_and_disconnect_across_io_nodes(cluster):
     app, _ = chat_app()
     io1, io2 = cluster.io_node(), cluster.io_node()
