@@ -9,7 +9,9 @@ unpickled: a malformed message raises `MessageError` and is skipped by its reade
 
 import base64
 import dataclasses
+import itertools
 import json
+import os
 import time
 import uuid
 from typing import Any, List, Optional
@@ -28,15 +30,41 @@ class MessageError(ValueError):
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """An id no other process makes: a random prefix drawn once per process (again in a
+    forked child) and a counter; a uuid4 per message cost a system call each."""
+    return f"{_ids.prefix}{next(_ids.counter):x}"
+
+
+class _Ids:
+    def __init__(self):
+        self.prefix, self.counter = uuid.uuid4().hex[:20], itertools.count()
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=lambda: _ids.__init__())
 
 
 # ---- arguments: JSON with binary attachments ---------------------------------------------
 
+def has_binary(data) -> bool:
+    """Whether bytes are anywhere in ``data`` (python-socketio's ``data_is_binary``, without
+    a list built at each level: it runs on every event in and out)."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (bytes, bytearray)):
+            return True
+        if isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return False
+
+
 def pack_args(args) -> dict:
     """Arguments as JSON-safe data: ``{"args": [...]}`` plus ``"bin"`` when bytes are in it."""
     args = list(args)
-    if Packet.data_is_binary(args):
+    if has_binary(args):
         data, attachments = Packet.deconstruct_binary(args)
         return {"args": data, "bin": [base64.b64encode(a).decode() for a in attachments]}
     return {"args": args}

@@ -21,6 +21,8 @@ from engineio import packet as eio_packet
 from geventwebsocket.exceptions import WebSocketError
 from socketio import packet as sio_packet
 
+from .envelope import has_binary
+
 TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)      # the standard library's, gevent's
 
 _PING = eio_packet.Packet(eio_packet.PING)
@@ -179,16 +181,7 @@ class IoPacket(sio_packet.Packet):
 
     @classmethod
     def data_is_binary(cls, data) -> bool:
-        pending = [data]
-        while pending:
-            item = pending.pop()
-            if isinstance(item, (bytes, bytearray)):
-                return True
-            if isinstance(item, list):
-                pending.extend(item)
-            elif isinstance(item, dict):
-                pending.extend(item.values())
-        return False
+        return has_binary(data)
 
 
 class FrameWriter:
