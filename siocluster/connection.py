@@ -151,6 +151,27 @@ def start_failure(exc: Exception, url: str) -> str:
     return f"REDIS_URL: Redis at {shown} failed the start: {exc.__class__.__name__}: {exc}"
 
 
+def pack(commands: list) -> list:
+    """Commands in the Redis protocol, as `send_packed_command` takes them, each packed by
+    hiredis's C code: redis-py's own packing wraps that in more Python than the round trip."""
+    import hiredis
+    from redis.exceptions import DataError
+
+    packed = []
+    for args in commands:
+        if isinstance(args[0], str) and " " in args[0]:       # "SCRIPT LOAD", ...
+            args = (*args[0].split(), *args[1:])
+        try:
+            packed.append(hiredis.pack_command(tuple(args)))
+        except TypeError:
+            try:
+                packed.append(hiredis.pack_command(tuple(
+                    bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)))
+            except TypeError as exc:
+                raise DataError(exc) from None     # as redis-py's own packing says it
+    return [b"".join(packed)]
+
+
 class Direct:
     """Round trips on a connection of its own, for one loop's hot path: the commands of a
     redis-py pipeline, or one command, packed and sent in one write and their replies
@@ -226,7 +247,7 @@ class Direct:
             # checked out for good: the pool still closes it with the client (close())
             conn = self._conn = self._pool.get_connection()
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(pack(commands))
             replies = []
             for _ in commands:
                 try:
