@@ -26,7 +26,7 @@ class CommandApplier:
         if "@" in command:
             args.append(command["@"])    # its offset: a client that comes back says it saw it
         engine.emit(self.sio, command["event"], args, to=command.get("to"),
-                    skip=command.get("skip"), namespace=ns)
+                    skip=command.get("skip"), namespace=ns, binary="bin" in command)
         self.fire("app publish", command)
 
     def _apply_let_go(self, command: dict, ns: str) -> None:
@@ -55,7 +55,8 @@ class CommandApplier:
         pending = self._pending_acks.pop(command["id"], None)
         if pending is not None:
             eio_sid, namespace, ack_id, _ = pending
-            engine.send_ack(self.sio, eio_sid, namespace, ack_id, unpack_args(command))
+            engine.send_ack(self.sio, eio_sid, namespace, ack_id, unpack_args(command),
+                            binary="bin" in command)
 
     def _apply_call(self, command: dict, ns: str) -> None:
         if self.holds(command["sid"], ns):

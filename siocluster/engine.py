@@ -1,13 +1,11 @@
 """The io-node's Engine.IO server: python-engineio, with lean websocket connections.
 
 In gevent mode engineio gives every websocket connection three greenlets (its reader, a
-writer waiting on a queue, a ping sleeper) and sends every packet through that queue to
-the writer. An io-node holds many mostly idle connections and fans each message out to
-many of them, so here:
+writer waiting on a queue, a ping sleeper) and sends every packet through that queue. An
+io-node holds many mostly idle connections and fans each message out to many, so here:
 
 - a websocket connection has one greenlet, its reader. A packet is written where it is
-  sent, with no switch to another greenlet, and a broadcast's frame is encoded once: the
-  same bytes go to every recipient.
+  sent, and a broadcast's frame is encoded once and written to each recipient (`emit`).
 - a write never blocks the sender. What the kernel does not take at once waits in the
   connection's backlog, drained by a greenlet that exists only while there is one; a
   client whose backlog passes ``max_send_backlog`` bytes is too slow to keep and is cut
@@ -27,7 +25,6 @@ that every name it relies on is there.
 """
 
 import logging
-import struct
 
 import engineio
 import gevent
@@ -40,37 +37,21 @@ from socketio import packet as sio_packet
 from . import defaults
 from .envelope import args_to_data
 from .ioclient import shown
-from .transport import FrameWriter, Holding, MessageCap, Pinger, PollingBounds, attachment_count
+from .transport import (
+    FrameWriter,
+    Holding,
+    MessageCap,
+    Pinger,
+    PollingBounds,
+    attachment_count,
+    websocket_frame,
+)
 
 # the versions this module was written and tested against (setup.cfg pins the same ranges)
 TESTED_WITH = {"python-engineio": "4.15", "python-socketio": "5.18", "gevent-websocket": "0.10"}
 # engineio's own logger stays quiet unless asked (engineio_logger=True); a slow client cut
 # off is the io-node's news
 logger = logging.getLogger("siocluster.io-node")
-
-
-def websocket_frame(pkt: eio_packet.Packet) -> bytes:
-    """The websocket frame of an Engine.IO packet (server to client: final, unmasked),
-    encoded once per packet object: python-socketio hands every recipient of an emit the
-    same packet, so a broadcast is encoded once."""
-    frame = pkt.__dict__.get("_ws_frame")
-    if frame is None:
-        # not encode() for binary: it keeps its first encoding for every later call, and a
-        # polling client's must be base64
-        data = pkt.data if pkt.binary else pkt.encode()
-        if isinstance(data, str):
-            opcode, data = 0x81, data.encode("utf-8")
-        else:
-            opcode = 0x82
-        size = len(data)
-        if size < 126:
-            header = struct.pack("!BB", opcode, size)
-        elif size < 65536:
-            header = struct.pack("!BBH", opcode, 126, size)
-        else:
-            header = struct.pack("!BBQ", opcode, 127, size)
-        frame = pkt._ws_frame = header + data
-    return frame
 
 
 class EngineSocket(PollingBounds, Socket):
@@ -379,23 +360,35 @@ def hook_events(sio: socketio.Server, handler) -> None:
     sio._handle_event_internal = handler
 
 
-def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args: list) -> None:
-    """Answer a client's event ``ack_id`` with ``args``, later than python-socketio would."""
-    pkt = sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id, data=list(args))
-    encoded = pkt.encode()
+def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args: list,
+             binary: bool = True) -> None:
+    """Answer a client's event ``ack_id`` with ``args``, later than python-socketio would
+    (``binary=False``: the caller knows no bytes are in them)."""
     writer = _writer(sio, eio_sid)
-    if writer is None or isinstance(encoded, list):
-        sio._send_packet(eio_sid, pkt)
-    else:
-        writer.write(websocket_frame(eio_packet.Packet(eio_packet.MESSAGE, encoded)))
+    encoded = writer and _encoded(sio, sio_packet.ACK, namespace, list(args), ack_id, binary)
+    if isinstance(encoded, str):
+        return writer.write(websocket_frame(eio_packet.Packet(eio_packet.MESSAGE, encoded)))
+    sio._send_packet(eio_sid, sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id,
+                                               data=list(args)))
+
+
+def _encoded(sio: socketio.Server, kind: int, namespace: str, data: list, id=None,
+             binary: bool = True):
+    """A packet as python-socketio encodes it (a list when binary), with no packet object
+    when ``data`` is known to hold no bytes."""
+    if binary:
+        return sio.packet_class(kind, namespace=namespace, id=id, data=data).encode()
+    head = str(kind) if namespace == "/" else f"{kind}{namespace},"
+    return (head if id is None else f"{head}{id}") + sio.packet_class.json.dumps(
+        data, separators=(",", ":"))
 
 
 def emit(sio: socketio.Server, event: str, args: list, to=None, skip=None,
-         namespace: str = "/") -> None:
-    """``sio.emit(event, *args, to=to, skip_sid=skip, namespace=namespace)``: the frame is
+         namespace: str = "/", binary: bool = True) -> None:
+    """``sio.emit(event, *args, to=to, skip_sid=skip, namespace=namespace)``, the frame
     written straight to each websocket client's `FrameWriter`, not down python-socketio's
-    five layers per recipient (they cost more than the write). Polling or held clients,
-    several rooms, binary data, another client manager: python-socketio's own way."""
+    five layers per recipient (they cost more than the write); polling or held clients,
+    several rooms, bytes, another client manager: python-socketio's way."""
     manager = sio.manager
     if type(manager) not in (IoManager, socketio.Manager) or not isinstance(to, (str, type(None))):
         return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
@@ -403,8 +396,7 @@ def emit(sio: socketio.Server, event: str, args: list, to=None, skip=None,
     room = manager.rooms.get(namespace, {}).get(to)
     if not room:
         return
-    encoded = sio.packet_class(sio_packet.EVENT, namespace=namespace,
-                               data=[event, *args]).encode()
+    encoded = _encoded(sio, sio_packet.EVENT, namespace, [event, *args], binary=binary)
     if isinstance(encoded, list):         # binary: a packet and its attachments
         return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
                         namespace=namespace)

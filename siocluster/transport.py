@@ -1,9 +1,9 @@
 """What the io-node's Engine.IO connections need besides engineio's own code, with no private
 name of any dependency: one greenlet for every connection's pings, and the bounds on what a
 client may make the io-node hold: packets waiting for a polling client, a websocket message
-being read, the attachments a binary message announces; and the writer that sends a
-websocket connection's frames without ever blocking the io-node, and wsaccel's unmasking
-of the frames it reads.
+being read, the attachments a binary message announces; a packet's websocket frame, encoded
+once for all its recipients; the writer that sends a websocket connection's frames without
+ever blocking the io-node, and wsaccel's unmasking of the frames it reads.
 
 `siocluster.engine` uses these; nothing here is needed to run an io-node by hand.
 """
@@ -182,6 +182,30 @@ class IoPacket(sio_packet.Packet):
     @classmethod
     def data_is_binary(cls, data) -> bool:
         return has_binary(data)
+
+
+def websocket_frame(pkt: eio_packet.Packet) -> bytes:
+    """The websocket frame of an Engine.IO packet (server to client: final, unmasked),
+    encoded once per packet object: python-socketio hands every recipient of an emit the
+    same packet, so a broadcast is encoded once."""
+    frame = pkt.__dict__.get("ws_frame")
+    if frame is None:
+        # not encode() for binary: it keeps its first encoding for every later call, and a
+        # polling client's must be base64
+        data = pkt.data if pkt.binary else pkt.encode()
+        if isinstance(data, str):
+            opcode, data = 0x81, data.encode("utf-8")
+        else:
+            opcode = 0x82
+        size = len(data)
+        if size < 126:
+            header = struct.pack("!BB", opcode, size)
+        elif size < 65536:
+            header = struct.pack("!BBH", opcode, 126, size)
+        else:
+            header = struct.pack("!BBQ", opcode, 127, size)
+        frame = pkt.ws_frame = header + data
+    return frame
 
 
 class FrameWriter:

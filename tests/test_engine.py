@@ -14,8 +14,7 @@ from engineio import packet as eio_packet
 from gevent import socket as gsocket
 
 from siocluster import App, IoNode
-from siocluster.engine import websocket_frame
-from siocluster.transport import FrameWriter
+from siocluster.transport import FrameWriter, websocket_frame
 from tests.helpers import EventClient, wait_until
 
 
