@@ -93,6 +93,8 @@ def make_redis(url: str, options: Optional[dict] = None):
     }
     opts.update(options or {})
     parts = parse_redis_url(url)
+    if urlsplit(url).scheme == "unix":
+        opts.pop("socket_keepalive", None)      # not a TCP connection: redis-py refuses it
     if "seeds" in parts:
         from .slots import make_cluster_client
 

@@ -1,8 +1,12 @@
 """io-nodes and app-nodes talking through a real Redis, with real Socket.IO clients."""
 
+import shutil
+import uuid
+
 import pytest
 
-from siocluster import App
+from siocluster import App, Config
+from tests.conftest import Cluster, RedisServer
 from tests.helpers import wait_until
 
 TRANSPORTS = ["websocket", "polling"]
@@ -244,3 +248,27 @@ def test_clients_of_a_stopped_io_node_connect_to_another(cluster):
     client.sio.connect(f"http://127.0.0.1:{io2.address[1]}", transports=["websocket"],
                        wait_timeout=5)
     assert client.call("echo", 2) == [{"echo": 2}]
+
+
+def test_a_cluster_over_a_unix_socket():
+    """``unix://`` Redis URLs (a Redis on the same machine): the nodes' options for TCP
+    connections (keepalive) are not given to a unix socket's."""
+    server = RedisServer()
+    server.extra_args += ["--unixsocket", f"{server.dir}/redis.sock", "--unixsocketperm", "700"]
+    server.start()
+    config = Config(redis_url=f"unix://{server.dir}/redis.sock?db=0",
+                    prefix=f"test-{uuid.uuid4().hex[:8]}", pop_timeout=0.2,
+                    heartbeat_interval=0.3, node_ttl=1.5, rate_limit=0)
+    cluster = Cluster(config)
+    try:
+        app, log = chat_app()
+        io = cluster.io_node()
+        cluster.app_node(app)
+        client = cluster.client(io)
+        assert client.call("echo", "over a unix socket") == [{"echo": "over a unix socket"}]
+        assert client.expect("echoed") == [["over a unix socket"]]
+        assert io.redis.connection_pool.connection_kwargs["path"].endswith("redis.sock")
+    finally:
+        cluster.stop()
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
