@@ -157,7 +157,6 @@ def pack(commands: list) -> list:
     """Commands in the Redis protocol, as `send_packed_command` takes them, each packed by
     hiredis's C code: redis-py's own packing wraps that in more Python than the round trip."""
     import hiredis
-    from redis.exceptions import DataError
 
     packed = []
     for args in commands:
@@ -170,6 +169,8 @@ def pack(commands: list) -> list:
                 packed.append(hiredis.pack_command(tuple(
                     bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)))
             except TypeError as exc:
+                from redis.exceptions import DataError
+
                 raise DataError(exc) from None     # as redis-py's own packing says it
     return [b"".join(packed)]
 
