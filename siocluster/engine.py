@@ -390,14 +390,12 @@ def emit(sio: socketio.Server, event: str, args: list, to=None, skip=None,
     five layers per recipient (they cost more than the write); polling or held clients,
     several rooms, bytes, another client manager: python-socketio's way."""
     manager = sio.manager
-    if type(manager) not in (IoManager, socketio.Manager) or not isinstance(to, (str, type(None))):
-        return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
-                        namespace=namespace)
-    room = manager.rooms.get(namespace, {}).get(to)
-    if not room:
+    simple = type(manager) in (IoManager, socketio.Manager) and isinstance(to, (str, type(None)))
+    room = manager.rooms.get(namespace, {}).get(to) if simple else None
+    if simple and not room:
         return
-    encoded = _encoded(sio, sio_packet.EVENT, namespace, [event, *args], binary=binary)
-    if isinstance(encoded, list):         # binary: a packet and its attachments
+    encoded = simple and _encoded(sio, sio_packet.EVENT, namespace, [event, *args], binary=binary)
+    if not isinstance(encoded, str):      # another manager, several rooms, or bytes
         return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
                         namespace=namespace)
     eio_pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)

@@ -41,7 +41,7 @@ class _Ids:
 
 
 _ids = _Ids()
-os.register_at_fork(after_in_child=lambda: _ids.__init__())
+os.register_at_fork(after_in_child=_ids.__init__)
 
 
 # ---- arguments: JSON with binary attachments ---------------------------------------------
