@@ -25,11 +25,11 @@ that every name it relies on is there.
 """
 
 import logging
+from logging import INFO
 
 import engineio
 import gevent
 import socketio
-from bidict import ValueDuplicationError
 from engineio import packet as eio_packet
 from engineio.socket import Socket
 from socketio import packet as sio_packet
@@ -37,6 +37,7 @@ from socketio import packet as sio_packet
 from . import defaults
 from .envelope import args_to_data
 from .ioclient import shown
+from .recovering import IoManager
 from .transport import (
     FrameWriter,
     Holding,
@@ -44,6 +45,7 @@ from .transport import (
     Pinger,
     PollingBounds,
     attachment_count,
+    event_packet,
     websocket_frame,
 )
 
@@ -139,6 +141,7 @@ class EngineSocket(PollingBounds, Socket):
             if pkt is not None:
                 writer.write(websocket_frame(pkt))
         self.writer, self._websocket = writer, websocket
+        fast_event = getattr(server, "fast_event", None)
 
         try:
             while not self.closed:
@@ -151,7 +154,10 @@ class EngineSocket(PollingBounds, Socket):
                 if data is None:
                     break          # the client closed the connection
                 try:
-                    self.receive(eio_packet.Packet(encoded_packet=data))
+                    # a client's event: straight to the handler, without two packet objects
+                    if not (fast_event and data.__class__ is str and data[:2] == "42"
+                            and fast_event(self.sid, data)):
+                        self.receive(eio_packet.Packet(encoded_packet=data))
                 except engineio.exceptions.UnknownPacketError:
                     pass
                 except engineio.exceptions.SocketIsClosedError:
@@ -236,24 +242,6 @@ class EngineServer(engineio.Server):
             return self._bad_request()
 
 
-class IoManager(socketio.Manager):
-    """python-socketio's client manager, but a client that comes back as itself
-    (connection-state recovery) is given its old sid rather than a new one."""
-
-    def pre_connect(self, eio_sid, namespace):
-        sid = self.server.returning_sids.get((eio_sid, namespace))
-        if sid is None:
-            return super().pre_connect(eio_sid, namespace)
-        # python-socketio's pre_connect, with that sid
-        try:
-            self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
-        except ValueDuplicationError:
-            return None
-        self.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
-        self.pending_connect.setdefault(namespace, []).append(sid)
-        return sid
-
-
 class IoSocketServer(socketio.Server):
     """A ``socketio.Server`` on `EngineServer`: what an io-node runs by default. Pass one
     of your own to `IoNode` (the seed's ``makeIoServer``) to keep its options; a plain
@@ -276,6 +264,24 @@ class IoSocketServer(socketio.Server):
         self.returning_sids = {}        # (eio sid, namespace) -> the sid it comes back as
         # packets held for a connection until its CONNECT (a returning client's: its replay)
         self.held = Holding(defaults.HELD_PACKETS)
+        self.eio.fast_event = self._fast_event
+
+    def _fast_event(self, eio_sid: str, text: str) -> bool:
+        """Handle a client's event as python-socketio's ``_handle_eio_message`` and
+        ``_handle_event`` would, without their packet objects; False: theirs to handle (an
+        attachment expected, async handlers, their info logs on, another form)."""
+        if eio_sid in self._binary_packet or self.async_handlers or \
+                self.logger.isEnabledFor(INFO) or self.eio.logger.isEnabledFor(INFO):
+            return False
+        event = event_packet(text, self.packet_class.json.loads)
+        if event is None:
+            return False
+        namespace, ack_id, data = event
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if not self.manager.is_connected(sid, namespace):
+            return False        # python-socketio logs it
+        self._handle_event_internal(self, sid, eio_sid, data, namespace, ack_id)
+        return True
 
     def _handle_connect(self, eio_sid, namespace, data):
         hooks, namespace = self.recovery, namespace or "/"

@@ -393,7 +393,8 @@ class IoNode(Rejoin, CommandApplier, ClientEvents, IoTelemetry, Node):
     def _listen_step(self, reader):
         commands = reader.read(defaults.COMMAND_BATCH, self.config.pop_timeout)
         self._redis_back()
-        self.apply_in_order(commands, reader)
+        with transport.corked():        # each client's frames of the batch in one send
+            self.apply_in_order(commands, reader)
 
     def _sweep_step(self):
         """Forget acks nobody answered in time, so memory stays bounded."""

@@ -1,4 +1,6 @@
-"""`RecoveringClient`: python-socketio's client speaking socket.io's connection-state recovery.
+"""python-socketio's classes for socket.io's connection-state recovery: `RecoveringClient`,
+its client speaking it, and `IoManager`, the io-node's client manager that gives a client
+coming back its old sid.
 
 The client side's one use of python-socketio's private methods (the server side's are all in
 `siocluster.engine`, whose `TESTED_WITH` pins the versions both were written against).
@@ -7,6 +9,7 @@ The client side's one use of python-socketio's private methods (the server side'
 import time
 
 import socketio
+from bidict import ValueDuplicationError
 from socketio import packet as sio_packet
 
 
@@ -56,3 +59,21 @@ class RecoveringClient(socketio.Client):
         while getattr(self.eio.queue, "unfinished_tasks", 0) and time.monotonic() < deadline:
             time.sleep(0.005)
         self.eio.disconnect()
+
+
+class IoManager(socketio.Manager):
+    """python-socketio's client manager, but a client that comes back as itself
+    (connection-state recovery) is given its old sid rather than a new one."""
+
+    def pre_connect(self, eio_sid, namespace):
+        sid = self.server.returning_sids.get((eio_sid, namespace))
+        if sid is None:
+            return super().pre_connect(eio_sid, namespace)
+        # python-socketio's pre_connect, with that sid
+        try:
+            self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
+        except ValueDuplicationError:
+            return None
+        self.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
+        self.pending_connect.setdefault(namespace, []).append(sid)
+        return sid

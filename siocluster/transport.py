@@ -3,13 +3,16 @@ name of any dependency: one greenlet for every connection's pings, and the bound
 client may make the io-node hold: packets waiting for a polling client, a websocket message
 being read, the attachments a binary message announces; a packet's websocket frame, encoded
 once for all its recipients; the writer that sends a websocket connection's frames without
-ever blocking the io-node, and wsaccel's unmasking of the frames it reads.
+ever blocking the io-node (`corked` joins the frames a batch of commands sends one connection
+into one send), and wsaccel's unmasking of the frames it reads.
 
 `siocluster.engine` uses these; nothing here is needed to run an io-node by hand.
 """
 
 import collections
+import contextlib
 import logging
+import re
 import socket as stdlib_socket
 import ssl
 import struct
@@ -173,6 +176,26 @@ def attachment_count(data) -> int:
     return int(count) if count.isascii() and count.isdigit() else 0
 
 
+# a Socket.IO event in an Engine.IO message: 42[/namespace,][ack id][JSON array]
+_EVENT = re.compile(r"42(?:(/[^,?]*),)?(\d{0,99})(\[.*)", re.S)
+
+
+def event_packet(text: str, loads):
+    """A client's event, ``42[/namespace,][ack id][...]``, read as python-socketio reads it:
+    ``(namespace, ack id or None, data)``; None for any other packet or form (a namespace
+    with a query, not a non-empty JSON array), left to python-socketio's own reading."""
+    match = _EVENT.fullmatch(text)
+    if match is None:
+        return None
+    try:
+        data = loads(match[3])
+    except ValueError:
+        return None
+    if data.__class__ is not list or not data:
+        return None
+    return match[1] or "/", int(match[2]) if match[2] else None, data
+
+
 class IoPacket(sio_packet.Packet):
     """python-socketio's packet (``socketio.Server(serializer=IoPacket)``) with its
     ``data_is_binary`` answered the same way without a list built at each level: it runs
@@ -208,6 +231,34 @@ def websocket_frame(pkt: eio_packet.Packet) -> bytes:
     return frame
 
 
+# the greenlet whose writes are held in a `corked` block, and the writers holding frames
+_corker = None
+_holding = []
+
+
+@contextlib.contextmanager
+def corked():
+    """Hold the frames the calling greenlet writes in the block, and write each
+    connection's in one send as it ends: a batch of commands that sends a client several
+    frames (acks, its rooms' emits) costs one system call, not one per frame. A frame
+    written to a connection already holding some, by any greenlet, joins them, so each
+    connection's frames keep their order. Not nested: inside another greenlet's block,
+    writes go out at once."""
+    global _corker
+    if _corker is not None:
+        yield
+        return
+    _corker = gevent.getcurrent()
+    try:
+        yield
+    finally:
+        _corker = None
+        writers = _holding[:]
+        del _holding[:]
+        for writer in writers:
+            writer.release()
+
+
 class FrameWriter:
     """Writes one connection's bytes in order without ever blocking the caller.
 
@@ -218,7 +269,7 @@ class FrameWriter:
     """
 
     __slots__ = ("_socket", "_raw", "_direct", "_backlog", "_waiting", "_limit", "_flusher",
-                 "_on_overflow", "broken")
+                 "_on_overflow", "_held", "broken")
 
     def __init__(self, sock, raw, limit: int, on_overflow=None):
         self._socket = sock
@@ -231,6 +282,7 @@ class FrameWriter:
         self._limit = limit
         self._flusher = None
         self._on_overflow = on_overflow
+        self._held = None                 # frames held in a `corked` block, in order
         self.broken = False
 
     @property
@@ -241,6 +293,23 @@ class FrameWriter:
     def write(self, data: bytes) -> None:
         if self.broken:
             return
+        held = self._held
+        if held is not None:
+            held.append(data)
+            return
+        if _corker is not None and _corker is gevent.getcurrent():
+            self._held = [data]
+            _holding.append(self)
+            return
+        self._send(data)
+
+    def release(self) -> None:
+        """Write the frames held in a `corked` block, in one send."""
+        held, self._held = self._held, None
+        if held and not self.broken:
+            self._send(held[0] if len(held) == 1 else b"".join(held))
+
+    def _send(self, data: bytes) -> None:
         if self._flusher is None:
             sent = 0
             if self._direct:

@@ -14,7 +14,7 @@ from engineio import packet as eio_packet
 from gevent import socket as gsocket
 
 from siocluster import App, IoNode
-from siocluster.transport import FrameWriter, websocket_frame
+from siocluster.transport import FrameWriter, corked, event_packet, websocket_frame
 from tests.helpers import EventClient, wait_until
 
 
@@ -95,6 +95,79 @@ def test_writer_cuts_off_a_client_past_its_limit():
             received += len(chunk)
         # the backlog was dropped: the client got what the kernel had taken, no more
         assert 0 < received < written
+
+
+def sends(sock, calls):
+    """Count the system calls a writer makes on ``sock`` (its real, non-blocking socket)."""
+    class Counting:
+        def send(self, data):
+            calls.append(bytes(data))
+            return sock.send(data)
+    return Counting()
+
+
+def test_a_corked_block_writes_each_connection_once_in_order():
+    import gevent
+
+    (ours1, peer1), (ours2, peer2) = gsocket.socketpair(), gsocket.socketpair()
+    with ours1, peer1, ours2, peer2:
+        calls1, calls2 = [], []
+        one = FrameWriter(ours1, sends(ours1._sock, calls1), limit=1 << 20)
+        two = FrameWriter(ours2, sends(ours2._sock, calls2), limit=1 << 20)
+        with corked():
+            one.write(b"a")
+            two.write(b"x")
+            one.write(b"b")
+            # another greenlet: to a connection holding frames it queues behind them; to
+            # one holding none it goes out at once
+            gevent.spawn(one.write, b"c").join()
+            three_calls = []
+            three = FrameWriter(ours2, sends(ours2._sock, three_calls), limit=1 << 20)
+            gevent.spawn(three.write, b"now").join()
+            assert three_calls == [b"now"]
+            with corked():               # nested: the outer block still holds
+                one.write(b"d")
+            assert calls1 == [] and calls2 == []
+        assert calls1 == [b"abcd"] and calls2 == [b"x"]
+        assert read_exactly(peer1, 4) == b"abcd"
+        assert read_exactly(peer2, 4) == b"now" + b"x"
+        one.write(b"e")                  # after the block: at once
+        assert calls1 == [b"abcd", b"e"]
+
+
+def test_a_corked_block_drops_the_frames_of_a_connection_cut_meanwhile():
+    ours, peer = gsocket.socketpair()
+    with ours, peer:
+        calls = []
+        writer = FrameWriter(ours, sends(ours._sock, calls), limit=1 << 20)
+        with corked():
+            writer.write(b"held")
+            writer.finish(timeout=0.1)      # its reader ended: it writes nothing more
+        assert calls == []
+
+
+@pytest.mark.parametrize("text", [
+    '42["say",{"text":"hi"}]', '4212["say",1,2]', '42/chat,["say"]', '42/chat,7["say",[1]]',
+    '42["a-b",{"x":"1-2"}]', '420["e"]', '42/,3["e",null]', '42["é", "ü"]',
+])
+def test_a_clients_event_is_read_as_python_socketio_reads_it(text):
+    from socketio.packet import Packet
+
+    from siocluster.envelope import JSON
+
+    packet = Packet(encoded_packet=text[1:])
+    assert event_packet(text, JSON.loads) == (packet.namespace or "/", packet.id, packet.data)
+
+
+@pytest.mark.parametrize("text", [
+    '42["say"', '42{"a":1}', '42[]', '42"text"', '42/chat?x=1,["e"]', '421-["e"]', '43["e"]',
+    '452-["e",{"_placeholder":true,"num":0}]', '42' + "1" * 100 + '["e"]', '42/chat',
+    '4',
+])
+def test_other_forms_are_left_to_python_socketio(text):
+    from siocluster.envelope import JSON
+
+    assert event_packet(text, JSON.loads) is None
 
 
 # ---- on a running io-node ---------------------------------------------------------------------
@@ -189,6 +262,30 @@ def test_slow_client_is_cut_off_and_the_others_get_everything(cluster, caplog):
     assert node.sio.manager.is_connected(fast.sid, "/")
     assert not node.sio.manager.is_connected(slow_sid, "/")
     slow.close()
+
+
+def test_events_skip_python_socketios_packets_and_other_forms_take_its_way(cluster):
+    cluster.app_node(flood_app([]))
+    node = cluster.io_node()
+    handlers, taken = node.sio.eio.handlers, []
+    original = handlers["message"]
+    handlers["message"] = lambda eio_sid, data: (taken.append(data), original(eio_sid, data))
+    client = RawClient(node)
+    try:
+        client.connect()
+        client.emit("join", "room", ack_id=1)
+        assert client.next_packet() == "431[true]"
+        client.emit("join", "room")
+        client.emit("join", "other", ack_id=2)
+        assert client.next_packet() == "432[true]"
+        assert taken == ["0"]           # the CONNECT only: the events took the short way
+        # not JSON: python-socketio's reading refuses it (engineio logs that), as before
+        client.ws.send('42["join"')
+        client.emit("join", "room", ack_id=3)
+        assert client.next_packet() == "433[true]"
+        assert taken == ["0", '2["join"']
+    finally:
+        client.close()
 
 
 def live_greenlets() -> int:
@@ -325,6 +422,8 @@ def test_every_private_name_engine_py_relies_on_is_there():
                if not hasattr(owner, name)]
     assert missing == []
     assert hasattr(eio_packet.Packet(eio_packet.MESSAGE, b"x"), "binary")
+    # an attachment being waited for, per connection (`IoSocketServer._fast_event`)
+    assert isinstance(socketio.Server()._binary_packet, dict)
     # the overridden and called ones keep the signatures engine.py was written for
     assert list(inspect.signature(engineio.Server._handle_connect).parameters) == [
         "self", "environ", "start_response", "transport", "jsonp_index"]
