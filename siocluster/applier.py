@@ -8,7 +8,7 @@ find them in the node's ``_pending_acks`` and ``_pending_connects``.
 """
 
 from . import engine
-from .envelope import args_to_data, dumps, pack_args, unpack_args
+from .envelope import args_to_data, dumps, pack_args, unpack_args, with_arg
 
 
 class CommandApplier:
@@ -22,12 +22,19 @@ class CommandApplier:
         getattr(self, f"_apply_{command['m']}")(command, command.get("ns", "/"))
 
     def _apply_emit(self, command: dict, ns: str) -> None:
-        args = unpack_args(command)
+        # JSON text as the app-node wrote it, written into the packet unread (unless bytes)
+        args = command.get("json")
+        if args is None:
+            args = unpack_args(command)
         if "@" in command:
-            args.append(command["@"])    # its offset: a client that comes back says it saw it
+            # its offset: a client that comes back says it saw it
+            at = command["@"]
+            args = with_arg(args, at) if isinstance(args, str) else [*args, at]
         engine.emit(self.sio, command["event"], args, to=command.get("to"),
                     skip=command.get("skip"), namespace=ns, binary="bin" in command)
-        self.fire("app publish", command)
+        if self.hooks.get("app publish"):
+            command.setdefault("args", unpack_args(command))
+            self.fire("app publish", command)
 
     def _apply_let_go(self, command: dict, ns: str) -> None:
         client = self.clients.get(command["sid"])
@@ -55,8 +62,8 @@ class CommandApplier:
         pending = self._pending_acks.pop(command["id"], None)
         if pending is not None:
             eio_sid, namespace, ack_id, _ = pending
-            engine.send_ack(self.sio, eio_sid, namespace, ack_id, unpack_args(command),
-                            binary="bin" in command)
+            engine.send_ack(self.sio, eio_sid, namespace, ack_id,
+                            command.get("json") or unpack_args(command), binary="bin" in command)
 
     def _apply_call(self, command: dict, ns: str) -> None:
         if self.holds(command["sid"], ns):

@@ -35,7 +35,7 @@ from engineio.socket import Socket
 from socketio import packet as sio_packet
 
 from . import defaults
-from .envelope import args_to_data
+from .envelope import args_to_data, event_data, parse
 from .ioclient import shown
 from .recovering import IoManager
 from .transport import (
@@ -366,42 +366,47 @@ def hook_events(sio: socketio.Server, handler) -> None:
     sio._handle_event_internal = handler
 
 
-def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args: list,
+def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args,
              binary: bool = True) -> None:
-    """Answer a client's event ``ack_id`` with ``args``, later than python-socketio would
-    (``binary=False``: the caller knows no bytes are in them)."""
+    """Answer a client's event ``ack_id`` with ``args`` (a list, or a JSON array's text),
+    later than python-socketio would (``binary=False``: the caller knows no bytes are in
+    them)."""
     writer = _writer(sio, eio_sid)
-    encoded = writer and _encoded(sio, sio_packet.ACK, namespace, list(args), ack_id, binary)
+    encoded = writer and _encoded(sio, sio_packet.ACK, namespace, args, ack_id, binary)
     if isinstance(encoded, str):
         return writer.write(websocket_frame(eio_packet.Packet(eio_packet.MESSAGE, encoded)))
+    data = parse(args) if isinstance(args, str) else list(args)
     sio._send_packet(eio_sid, sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id,
-                                               data=list(args)))
+                                               data=data))
 
 
-def _encoded(sio: socketio.Server, kind: int, namespace: str, data: list, id=None,
+def _encoded(sio: socketio.Server, kind: int, namespace: str, data, id=None,
              binary: bool = True):
     """A packet as python-socketio encodes it (a list when binary), with no packet object
-    when ``data`` is known to hold no bytes."""
-    if binary:
-        return sio.packet_class(kind, namespace=namespace, id=id, data=data).encode()
+    when ``data`` is known to hold no bytes, and no encoding when it is JSON text."""
+    if not isinstance(data, str):
+        if binary:
+            return sio.packet_class(kind, namespace=namespace, id=id, data=list(data)).encode()
+        data = sio.packet_class.json.dumps(list(data), separators=(",", ":"))
     head = str(kind) if namespace == "/" else f"{kind}{namespace},"
-    return (head if id is None else f"{head}{id}") + sio.packet_class.json.dumps(
-        data, separators=(",", ":"))
+    return (head if id is None else f"{head}{id}") + data
 
 
-def emit(sio: socketio.Server, event: str, args: list, to=None, skip=None,
+def emit(sio: socketio.Server, event: str, args, to=None, skip=None,
          namespace: str = "/", binary: bool = True) -> None:
-    """``sio.emit(event, *args, to=to, skip_sid=skip, namespace=namespace)``, the frame
-    written straight to each websocket client's `FrameWriter`, not down python-socketio's
-    five layers per recipient (they cost more than the write); polling or held clients,
-    several rooms, bytes, another client manager: python-socketio's way."""
+    """``sio.emit(event, *args, to=to, skip_sid=skip, namespace=namespace)`` (``args``: a list
+    or a JSON array's text), the frame written straight to each websocket client's
+    `FrameWriter`, not down python-socketio's five layers per recipient; polling or held
+    clients, several rooms, bytes, another client manager: python-socketio's way."""
     manager = sio.manager
     simple = type(manager) in (IoManager, socketio.Manager) and isinstance(to, (str, type(None)))
     room = manager.rooms.get(namespace, {}).get(to) if simple else None
     if simple and not room:
         return
-    encoded = simple and _encoded(sio, sio_packet.EVENT, namespace, [event, *args], binary=binary)
+    data = event_data(event, args) if isinstance(args, str) else [event, *args]
+    encoded = simple and _encoded(sio, sio_packet.EVENT, namespace, data, binary=binary)
     if not isinstance(encoded, str):      # another manager, several rooms, or bytes
+        args = parse(args) if isinstance(args, str) else args
         return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
                         namespace=namespace)
     eio_pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)

@@ -70,8 +70,28 @@ def pack_args(args) -> dict:
     return {"args": args}
 
 
+def event_data(event: str, args_json: str) -> str:
+    """The JSON text of ``[event, *args]`` from the text of the ``args`` array, as
+    `pack_json` wrote it."""
+    return "[" + dumps(event) + ("," + args_json[1:] if len(args_json) > 2 else "]")
+
+
+def with_arg(args_json: str, extra) -> str:
+    """The text of a JSON array with one more item at its end."""
+    return args_json[:-1] + ("," if len(args_json) > 2 else "") + dumps(extra) + "]"
+
+
+def pack_json(args) -> dict:
+    """Arguments an io-node sends clients: ``{"json": "[...]"}``, their JSON text, which it
+    writes into each packet as it is, never parsing it; `pack_args`'s form when bytes are
+    in them. The handler that passed something JSON cannot hold hears it from here."""
+    args = list(args)
+    return pack_args(args) if has_binary(args) else {"json": dumps(args)}
+
+
 def unpack_args(message: dict) -> list:
-    args = message.get("args", [])
+    text = message.get("json")
+    args = message.get("args", []) if text is None else loads(text)
     if not isinstance(args, list):
         raise MessageError("args must be a list")
     attachments = message.get("bin")
@@ -236,12 +256,12 @@ class Envelope:
 
 COMMANDS = {
     # name: the fields it must carry
-    "emit": ("ns", "event"),            # + to, skip, args/bin
+    "emit": ("ns", "event"),            # + to, skip, json (or args/bin)
     "enter_room": ("ns", "sid", "room"),
     "leave_room": ("ns", "sid", "room"),
     "close_room": ("ns", "room"),
     "disconnect": ("ns", "sid"),
-    "ack": ("id",),                     # answer to a client's event: + args/bin
+    "ack": ("id",),                     # answer to a client's event: + json (or args/bin)
     "verdict": ("id", "ok"),            # answer to a connect: + error
     "call": ("ns", "sid", "event", "reply"),  # emit that wants the client's answer
     "app": ("type",),                   # a custom app message for io-node code (seed API)
@@ -252,7 +272,7 @@ COMMANDS = {
 def emit_command(event: str, args: list, namespace: str, to=None, skip=None) -> dict:
     """Emit ``event`` to one client (a sid), a room, a list of rooms, or the whole
     namespace (``to`` None), less ``skip`` (a sid or a list of sids)."""
-    command = {"m": "emit", "ns": namespace, "event": event, **pack_args(args)}
+    command = {"m": "emit", "ns": namespace, "event": event, **pack_json(args)}
     if to is not None:
         command["to"] = to
     if skip is not None:
@@ -281,7 +301,7 @@ def let_go_command(sid: str, conn: str, namespace: str) -> dict:
 
 def ack_command(message_id: str, args: list) -> dict:
     """The answer to a client's event (the envelope ``message_id``) that asked for one."""
-    return {"m": "ack", "id": message_id, **pack_args(args)}
+    return {"m": "ack", "id": message_id, **pack_json(args)}
 
 
 def verdict_command(message_id: str, sid: str, namespace: str, ok: bool,
@@ -331,3 +351,6 @@ def check_command(command) -> None:
     missing = [key for key in required if key not in command]
     if missing:
         raise MessageError(f"command {command['m']!r} lacks {', '.join(missing)}")
+    text = command.get("json")
+    if text is not None and not (isinstance(text, str) and text[:1] == "[" and text[-1:] == "]"):
+        raise MessageError(f"command {command['m']!r}: json must be the text of a JSON array")

@@ -71,6 +71,27 @@ def test_command_batches():
             decode_batch(bad)
 
 
+def test_emits_and_acks_carry_their_arguments_as_json_text():
+    from siocluster.envelope import ack_command, emit_command, event_data, with_arg
+
+    for args in ([], [1], [{"name": "é", "n": 2 ** 70}, [None, True]], ["x", "y"]):
+        command = emit_command("said", args, "/", to="room")
+        text = command["json"]
+        assert "args" not in command and json.loads(text) == args
+        assert unpack_args(decode_batch(encode_batch([command]))[0]) == args
+        assert json.loads(event_data("said", text)) == ["said", *args]
+        assert json.loads(with_arg(text, "1-0.2")) == [*args, "1-0.2"]
+        assert unpack_args(ack_command("id", args)) == args
+    # bytes keep python-socketio's attachments
+    command = emit_command("said", [b"x", 1], "/")
+    assert "json" not in command and unpack_args(command) == [b"x", 1]
+    with pytest.raises(TypeError):
+        emit_command("said", [{1, 2}], "/")          # a set: the handler hears it at once
+    for bad in ('{"a": 1}', "1", 5, "[1"):
+        with pytest.raises(MessageError):
+            decode_batch(encode_batch([{"m": "emit", "ns": "/", "event": "e", "json": bad}]))
+
+
 def test_python_socketio_data_convention():
     assert data_to_args(None) == [] and args_to_data([]) == ()
     assert data_to_args((1, 2)) == [1, 2] and args_to_data([1, 2]) == (1, 2)

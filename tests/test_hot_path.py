@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 
 from siocluster import App
-from siocluster.envelope import Envelope, decode_batch
+from siocluster.envelope import Envelope, decode_batch, unpack_args
 from siocluster.lanes import PER_CLIENT, TAKE_MORE
 from siocluster.state import Keys
 from tests.helpers import enqueue, inbox_messages, wait_until
@@ -33,8 +33,8 @@ def said(redis_client, keys):
     """The data of every `said` emit in the stream every io-node reads, in stream order,
     and how many stream entries carried them."""
     entries = redis_client.xrange(keys.commands)
-    data = [command["args"][0] for _, fields in entries for command in decode_batch(fields["b"])
-            if command.get("event") == "said"]
+    data = [unpack_args(command)[0] for _, fields in entries
+            for command in decode_batch(fields["b"]) if command.get("event") == "said"]
     return data, len(entries)
 
 
