@@ -20,6 +20,11 @@ import orjson
 from socketio.packet import Packet
 
 VERSION = 1
+# command batches: 2 since emits and acks carry their arguments as JSON text ("json"). An
+# io-node reads this version and the one before, so io-nodes are upgraded first; one
+# older than 2 skips a batch of 2, logging it, rather than send clients empty emits
+BATCH_VERSION = 2
+BATCH_VERSIONS = (1, 2)
 KINDS = ("connect", "event", "disconnect")
 # the app's lifecycle handlers: a client never reaches them by naming an event after them
 RESERVED_EVENTS = ("connect", "disconnect", "no-client", "connect_error")
@@ -327,13 +332,14 @@ def app_command(type: str, data: Any, namespace: str, recipients: List[dict],
 
 
 def encode_batch(commands: List[dict]) -> str:
-    return dumps({"v": VERSION, "c": commands})
+    return dumps({"v": BATCH_VERSION, "c": commands})
 
 
 def decode_batch(raw) -> List[dict]:
     message = loads(raw)
-    if not isinstance(message, dict) or message.get("v") != VERSION:
-        raise MessageError("a command batch must be a versioned JSON object")
+    if not isinstance(message, dict) or message.get("v") not in BATCH_VERSIONS:
+        raise MessageError("a command batch must be a JSON object of a version this io-node "
+                           f"reads {BATCH_VERSIONS} (upgrade io-nodes before app-nodes)")
     commands = message.get("c")
     if not isinstance(commands, list):
         raise MessageError("a command batch needs a list of commands")

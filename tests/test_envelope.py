@@ -64,7 +64,10 @@ def test_command_batches():
                 {"m": "enter_room", "ns": "/", "sid": "s", "room": "r"}]
     assert decode_batch(encode_batch(commands)) == json.loads(encode_batch(commands))["c"]
     assert unpack_args(decode_batch(encode_batch(commands))[0]) == [b"x", 1]
-    for bad in ("{}", json.dumps({"v": VERSION, "c": [{"m": "explode"}]}),
+    # an older app-node's batch is read too (io-nodes are upgraded first)
+    assert decode_batch(json.dumps({"v": 1, "c": commands[1:]})) == commands[1:]
+    for bad in ("{}", json.dumps({"v": 3, "c": []}),
+                json.dumps({"v": VERSION, "c": [{"m": "explode"}]}),
                 json.dumps({"v": VERSION, "c": [{"m": "emit", "ns": "/"}]}),
                 json.dumps({"v": VERSION, "c": ["emit"]})):
         with pytest.raises(MessageError):
