@@ -46,6 +46,7 @@ from .transport import (
     PollingBounds,
     attachment_count,
     event_packet,
+    message_frame,
     websocket_frame,
 )
 
@@ -374,7 +375,7 @@ def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args,
     writer = _writer(sio, eio_sid)
     encoded = writer and _encoded(sio, sio_packet.ACK, namespace, args, ack_id, binary)
     if isinstance(encoded, str):
-        return writer.write(websocket_frame(eio_packet.Packet(eio_packet.MESSAGE, encoded)))
+        return writer.write(message_frame(encoded))
     data = parse(args) if isinstance(args, str) else list(args)
     sio._send_packet(eio_sid, sio.packet_class(sio_packet.ACK, namespace=namespace, id=ack_id,
                                                data=data))
@@ -409,16 +410,17 @@ def emit(sio: socketio.Server, event: str, args, to=None, skip=None,
         args = parse(args) if isinstance(args, str) else args
         return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
                         namespace=namespace)
-    eio_pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
-    frame = websocket_frame(eio_pkt)
-    skip = skip if isinstance(skip, list) else (skip,)
+    frame, skip = message_frame(encoded), skip if isinstance(skip, list) else (skip,)
+    # `_writer` for each recipient, its lookups made once
+    sockets, held = sio.eio.sockets, getattr(sio, "held", None) or ()
     # a copy: a write can cut a slow client off, and its disconnect leaves the room
     for sid, eio_sid in list(room.items()):
         if sid in skip:
             continue
-        writer = _writer(sio, eio_sid)
-        if writer is None:
-            sio._send_eio_packet(eio_sid, eio_pkt)
+        sock = sockets.get(eio_sid)
+        writer = getattr(sock, "writer", None)
+        if writer is None or sock.closed or eio_sid in held:
+            sio._send_eio_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
         else:
             writer.write(frame)
 
@@ -427,11 +429,8 @@ def _writer(sio: socketio.Server, eio_sid: str):
     """The `FrameWriter` a packet for ``eio_sid`` may be written to right now, or None
     (polling, closed, packets held until its CONNECT, not an `EngineSocket`)."""
     sock = sio.eio.sockets.get(eio_sid)
-    writer = getattr(sock, "writer", None)
-    if writer is None or sock.closed:
-        return None
-    held = getattr(sio, "held", None)
-    return None if held and eio_sid in held else writer
+    writer, held = getattr(sock, "writer", None), getattr(sio, "held", None)
+    return None if writer is None or sock.closed or (held and eio_sid in held) else writer
 
 
 def origin_allowed(sio: socketio.Server, environ: dict) -> bool:

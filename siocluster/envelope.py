@@ -91,7 +91,10 @@ def pack_json(args) -> dict:
     writes into each packet as it is, never parsing it; `pack_args`'s form when bytes are
     in them. The handler that passed something JSON cannot hold hears it from here."""
     args = list(args)
-    return pack_args(args) if has_binary(args) else {"json": dumps(args)}
+    try:
+        return {"json": orjson.dumps(args, option=_ORJSON_OPTIONS).decode()}
+    except TypeError:       # bytes (rare: not looked for first), or what only json encodes
+        return pack_args(args) if has_binary(args) else {"json": dumps(args)}
 
 
 def unpack_args(message: dict) -> list:
@@ -205,19 +208,25 @@ class Envelope:
                    "attempt": self.attempt}
         if self.kind == "event":
             message["event"] = self.event
-            message.update(pack_args(self.args))
+            message["args"] = list(self.args)
             if self.ack:
                 message["ack"] = True
         elif self.kind == "connect":
             message["environ"] = self.environ or {}
-            message.update(pack_args([self.auth]))
+            message["args"] = [self.auth]
             if self.recovered:
                 message["recovered"] = True
         elif self.reason is not None:
             message["reason"] = self.reason
         if self.conn is not None:
             message["conn"] = self.conn
-        return dumps(message)
+        try:
+            return orjson.dumps(message, option=_ORJSON_OPTIONS).decode()
+        except TypeError:
+            # bytes in the arguments (rare: not looked for first), or what only json encodes
+            if "args" in message:
+                message.update(pack_args(message["args"]))
+            return dumps(message)
 
     @classmethod
     def decode(cls, raw) -> "Envelope":

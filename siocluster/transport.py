@@ -216,19 +216,23 @@ def websocket_frame(pkt: eio_packet.Packet) -> bytes:
         # not encode() for binary: it keeps its first encoding for every later call, and a
         # polling client's must be base64
         data = pkt.data if pkt.binary else pkt.encode()
-        if isinstance(data, str):
-            opcode, data = 0x81, data.encode("utf-8")
-        else:
-            opcode = 0x82
-        size = len(data)
-        if size < 126:
-            header = struct.pack("!BB", opcode, size)
-        elif size < 65536:
-            header = struct.pack("!BBH", opcode, 126, size)
-        else:
-            header = struct.pack("!BBQ", opcode, 127, size)
-        frame = pkt.ws_frame = header + data
+        text = isinstance(data, str)
+        frame = pkt.ws_frame = _frame(0x81 if text else 0x82, data.encode() if text else data)
     return frame
+
+
+def message_frame(encoded: str) -> bytes:
+    """`websocket_frame`'s frame of an Engine.IO message of ``encoded``, with no packet."""
+    return _frame(0x81, ("4" + encoded).encode())
+
+
+def _frame(opcode: int, data: bytes) -> bytes:
+    size = len(data)
+    if size < 126:
+        return struct.pack("!BB", opcode, size) + data
+    if size < 65536:
+        return struct.pack("!BBH", opcode, 126, size) + data
+    return struct.pack("!BBQ", opcode, 127, size) + data
 
 
 # the greenlet whose writes are held in a `corked` block, and the writers holding frames

@@ -14,7 +14,13 @@ from engineio import packet as eio_packet
 from gevent import socket as gsocket
 
 from siocluster import App, IoNode
-from siocluster.transport import FrameWriter, corked, event_packet, websocket_frame
+from siocluster.transport import (
+    FrameWriter,
+    corked,
+    event_packet,
+    message_frame,
+    websocket_frame,
+)
 from tests.helpers import EventClient, wait_until
 
 
@@ -42,6 +48,8 @@ def test_text_frames_of_every_length_encoding(size):
     assert payload.decode("utf-8") == pkt.encode()
     # encoded once: every recipient of a broadcast gets the very same bytes
     assert websocket_frame(pkt) is frame
+    # and the frame of a message's text alone is the same, byte for byte
+    assert message_frame(pkt.data) == frame
 
 
 def test_binary_frame():

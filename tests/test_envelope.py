@@ -11,6 +11,7 @@ from siocluster.envelope import (
     args_to_data,
     data_to_args,
     decode_batch,
+    emit_command,
     encode_batch,
     pack_args,
     unpack_args,
@@ -33,6 +34,15 @@ def test_binary_arguments_travel_as_base64():
     raw = env.encode()
     assert "\\u0000" not in raw and "bin" in json.loads(raw)
     assert Envelope.decode(raw).args == [{"blob": b"\x00\x01"}, b"raw"]
+
+
+def test_what_only_the_standard_json_encodes_travels_as_it_would():
+    # orjson goes first and refuses these: the standard library's answer is kept
+    args = [2**70, {1: "int key"}]
+    env = Envelope("event", "/", "s", "n", event="big", args=args)
+    assert Envelope.decode(env.encode()).args == [2**70, {"1": "int key"}]
+    command = emit_command("big", args, "/")
+    assert unpack_args(command) == [2**70, {"1": "int key"}]
 
 
 def test_connect_and_disconnect_envelopes():
@@ -75,7 +85,7 @@ def test_command_batches():
 
 
 def test_emits_and_acks_carry_their_arguments_as_json_text():
-    from siocluster.envelope import ack_command, emit_command, event_data, with_arg
+    from siocluster.envelope import ack_command, event_data, with_arg
 
     for args in ([], [1], [{"name": "é", "n": 2 ** 70}, [None, True]], ["x", "y"]):
         command = emit_command("said", args, "/", to="room")
