@@ -369,10 +369,9 @@ def hook_events(sio: socketio.Server, handler) -> None:
 
 def send_ack(sio: socketio.Server, eio_sid: str, namespace: str, ack_id, args,
              binary: bool = True) -> None:
-    """Answer a client's event ``ack_id`` with ``args`` (a list, or a JSON array's text),
-    later than python-socketio would (``binary=False``: the caller knows no bytes are in
-    them)."""
-    writer = _writer(sio, eio_sid)
+    """Answer a client's event ``ack_id`` with ``args`` (a list or a JSON array's text), later
+    than python-socketio would (``binary=False``: the caller knows there are no bytes)."""
+    writer = _writer(*_where(sio), eio_sid)
     encoded = writer and _encoded(sio, sio_packet.ACK, namespace, args, ack_id, binary)
     if isinstance(encoded, str):
         return writer.write(message_frame(encoded))
@@ -411,26 +410,28 @@ def emit(sio: socketio.Server, event: str, args, to=None, skip=None,
         return sio.emit(event, args_to_data(args) if args else None, to=to, skip_sid=skip,
                         namespace=namespace)
     frame, skip = message_frame(encoded), skip if isinstance(skip, list) else (skip,)
-    # `_writer` for each recipient, its lookups made once
-    sockets, held = sio.eio.sockets, getattr(sio, "held", None) or ()
+    sockets, held = _where(sio)
     # a copy: a write can cut a slow client off, and its disconnect leaves the room
     for sid, eio_sid in list(room.items()):
         if sid in skip:
             continue
-        sock = sockets.get(eio_sid)
-        writer = getattr(sock, "writer", None)
-        if writer is None or sock.closed or eio_sid in held:
+        writer = _writer(sockets, held, eio_sid)
+        if writer is None:
             sio._send_eio_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
         else:
             writer.write(frame)
 
 
-def _writer(sio: socketio.Server, eio_sid: str):
-    """The `FrameWriter` a packet for ``eio_sid`` may be written to right now, or None
-    (polling, closed, packets held until its CONNECT, not an `EngineSocket`)."""
-    sock = sio.eio.sockets.get(eio_sid)
-    writer, held = getattr(sock, "writer", None), getattr(sio, "held", None)
-    return None if writer is None or sock.closed or (held and eio_sid in held) else writer
+def _writer(sockets: dict, held, eio_sid: str):
+    """The `FrameWriter` a packet for ``eio_sid`` may be written to now, or None (polling,
+    closed, held until its CONNECT, not an `EngineSocket`); ``sockets, held``: `_where`'s."""
+    sock = sockets.get(eio_sid)
+    writer = getattr(sock, "writer", None)
+    return None if writer is None or sock.closed or eio_sid in held else writer
+
+
+def _where(sio: socketio.Server):
+    return sio.eio.sockets, getattr(sio, "held", None) or ()
 
 
 def origin_allowed(sio: socketio.Server, environ: dict) -> bool:
