@@ -15,7 +15,7 @@ from siocluster import App
 from siocluster.envelope import Envelope, decode_batch, unpack_args
 from siocluster.lanes import PER_CLIENT, TAKE_MORE
 from siocluster.state import Keys
-from tests.helpers import enqueue, inbox_messages, wait_until
+from tests.helpers import enqueue, inbox_messages, inbox_of, wait_until
 
 
 def event(sid, name, *args):
@@ -25,8 +25,9 @@ def event(sid, name, *args):
 def fill_inbox(redis_client, keys, messages):
     # one push each, in order, as they arrive: each client's first message puts its token
     # in the ready list, so the client of the first message is taken first
+    inbox = inbox_of(redis_client, keys)     # one: each holds a connection of its own
     for message in messages:
-        enqueue(redis_client, keys, message)
+        inbox.push([(message.kind, message.sid, message.encode())])
 
 
 def said(redis_client, keys):
