@@ -91,10 +91,10 @@ def pack_json(args) -> dict:
     writes into each packet as it is, never parsing it; `pack_args`'s form when bytes are
     in them. The handler that passed something JSON cannot hold hears it from here."""
     args = list(args)
-    try:
-        return {"json": orjson.dumps(args, option=_ORJSON_OPTIONS).decode()}
-    except TypeError:       # bytes (rare: not looked for first), or what only json encodes
-        return pack_args(args) if has_binary(args) else {"json": dumps(args)}
+    text = fast_dumps(args)         # bytes are rare: not looked for first
+    if text is not None:
+        return {"json": text}
+    return pack_args(args) if has_binary(args) else {"json": dumps(args)}
 
 
 def unpack_args(message: dict) -> list:
@@ -133,13 +133,21 @@ def data_to_args(data: Any) -> list:
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
-def dumps(obj, **_) -> str:
-    """Compact JSON text, not ASCII-escaped (as ``json.dumps(obj, separators=(",", ":"),
-    ensure_ascii=False)``)."""
+def fast_dumps(obj) -> Optional[str]:
+    """orjson's text of ``obj``, or None where orjson refuses it (bytes, or what only the
+    standard library encodes)."""
     try:
         return orjson.dumps(obj, option=_ORJSON_OPTIONS).decode()
     except TypeError:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        return None
+
+
+def dumps(obj, **_) -> str:
+    """Compact JSON text, not ASCII-escaped (as ``json.dumps(obj, separators=(",", ":"),
+    ensure_ascii=False)``)."""
+    text = fast_dumps(obj)
+    return text if text is not None else json.dumps(obj, separators=(",", ":"),
+                                                    ensure_ascii=False)
 
 
 def parse(raw) -> Any:
@@ -158,10 +166,9 @@ def loads(raw) -> Any:
 
 
 def _packet_dumps(obj, **kwargs) -> str:
-    try:
-        return orjson.dumps(obj, option=_ORJSON_OPTIONS).decode()
-    except TypeError:
-        return json.dumps(obj, **kwargs)    # ASCII-escaped, as python-socketio's own
+    text = fast_dumps(obj)
+    # what orjson refuses: ASCII-escaped, as python-socketio's own
+    return text if text is not None else json.dumps(obj, **kwargs)
 
 
 class JSON:
@@ -220,13 +227,10 @@ class Envelope:
             message["reason"] = self.reason
         if self.conn is not None:
             message["conn"] = self.conn
-        try:
-            return orjson.dumps(message, option=_ORJSON_OPTIONS).decode()
-        except TypeError:
-            # bytes in the arguments (rare: not looked for first), or what only json encodes
-            if "args" in message:
-                message.update(pack_args(message["args"]))
-            return dumps(message)
+        text = fast_dumps(message)      # bytes in the arguments are rare: not looked for first
+        if text is None and "args" in message:
+            message.update(pack_args(message["args"]))
+        return text if text is not None else dumps(message)
 
     @classmethod
     def decode(cls, raw) -> "Envelope":
