@@ -104,6 +104,8 @@ ROWS = [
      ("fanout", "best_held", "window", "cores", "load generator")),
     ("machine cores busy", ("fanout", "best_held", "window", "machine_cores")),
     ("  of which other work's", ("fanout", "best_held", "window", "other_cores")),
+    ("threads waiting for a CPU, on average",
+     ("fanout", "best_held", "window", "waiting_total")),
     ("idle connections on one server process", None),
     ("connections held", ("connections", "held")),
     ("RSS KB per connection", ("connections", "rss_per_connection_kb")),
@@ -133,6 +135,7 @@ CHAT_ROWS = [
     ("Redis commands per message in", ("chat", "best_held", "redis_per_message", "total")),
     ("machine cores busy", ("chat", "best_held", "window", "machine_cores")),
     ("  of which other work's", ("chat", "best_held", "window", "other_cores")),
+    ("threads waiting for a CPU, on average", ("chat", "best_held", "window", "waiting_total")),
 ]
 
 

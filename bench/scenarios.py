@@ -2,9 +2,10 @@
 
 A scenario tells the generators what to do at a wall-clock time a little ahead, so all of
 them start together, and measures a window after a warm-up: while it runs, `Window` reads
-the CPU time of every process involved and Redis's ``INFO commandstats``, so every figure
-comes with who was busy producing it. On a Redis Cluster (`RedisCluster`) it reads both
-from every master, and keeps each master's share too.
+the CPU time of every process involved, the time each waited for a CPU, and Redis's
+``INFO commandstats``, so every figure comes with who was busy producing it. On a Redis
+Cluster (`RedisCluster`) it reads both from every master, and keeps each master's share
+too.
 """
 
 import math
@@ -12,7 +13,7 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
-from bench.stats import Histogram, cpu_seconds, machine_busy_seconds, rss_kib
+from bench.stats import Histogram, cpu_seconds, machine_busy_seconds, rss_kib, wait_seconds
 from bench.systems import BenchError, Generators, Redis, RedisCluster, System
 
 ROOM_SIZE = 10
@@ -21,7 +22,9 @@ HELD_SEND_RATIO = 0.95     # ... and the generators managed to send this share o
 
 
 class Window:
-    """CPU seconds per group of processes, and Redis command calls, over a time window;
+    """CPU seconds per group of processes, seconds they waited for a CPU (runnable, not
+    running: on a saturated machine, the scheduler's share of every latency), and Redis
+    command calls, over a time window;
     on a Redis Cluster, the calls summed over the masters and each master's CPU seconds and
     calls (``redis_masters``)."""
 
@@ -30,6 +33,8 @@ class Window:
 
     def _snapshot(self):
         cpu = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in self.groups.items()}
+        waits = {group: [wait_seconds(pid) for pid in pids] for group, pids in self.groups.items()}
+        waits = {group: None if None in values else sum(values) for group, values in waits.items()}
         masters = {}
         if isinstance(self.redis, RedisCluster):
             stats = self.redis.master_commandstats()
@@ -38,7 +43,7 @@ class Window:
             calls = RedisCluster.summed(stats)
         else:
             calls = self.redis.commandstats() if self.redis is not None else {}
-        return time.monotonic(), machine_busy_seconds(), cpu, calls, masters
+        return time.monotonic(), machine_busy_seconds(), cpu, calls, masters, waits
 
     def start(self) -> None:
         self.begin = self._snapshot()
@@ -57,6 +62,13 @@ class Window:
         other = max(0.0, machine - sum(cores.values()))
         result = {"seconds": round(wall, 3), "cores": cores, "machine_cores": round(machine, 3),
                   "other_cores": round(other, 3), "redis_calls": calls}
+        # how many of the processes' threads were waiting for a CPU, on average
+        waiting = {group: round(max(0.0, end[5][group] - self.begin[5][group]) / wall, 3)
+                   for group in self.groups
+                   if end[5][group] is not None and self.begin[5][group] is not None}
+        if waiting:
+            result["waiting"] = waiting
+            result["waiting_total"] = round(sum(waiting.values()), 3)
         if end[4]:
             result["redis_masters"] = {
                 str(port): {"cores": round((cpu - self.begin[4][port][0]) / wall, 3),

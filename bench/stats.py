@@ -1,4 +1,5 @@
-"""Latency histograms that merge across processes, and CPU time read from /proc.
+"""Latency histograms that merge across processes, and CPU time (and time waiting for a
+CPU) read from /proc.
 
 `Histogram` keeps counts in logarithmic buckets 2% wide, so a generator process can record
 millions of latencies in a few hundred integers, ship them to the parent as JSON, and the
@@ -92,6 +93,25 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     # fields after the command name start at field 3 (state): utime is 14, stime 15
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def wait_seconds(pid: int) -> Optional[float]:
+    """Seconds the threads of a process have spent runnable but waiting for a CPU, summed
+    (the scheduler's run delay, ``/proc/<pid>/task/*/schedstat``): 0 when it is gone, None
+    where the kernel keeps no such statistics."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    total, seen = 0, False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+            seen = True
+        except (OSError, IndexError, ValueError):
+            continue       # a thread that ended meanwhile, or no schedstat
+    return total / 1e9 if seen else (0.0 if not tasks else None)
 
 
 def machine_busy_seconds() -> float:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from bench.stats import wait_seconds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.slow
@@ -107,6 +109,14 @@ def test_chat_has_figures_for_every_system(quick_run):
         assert by_command["rpush"] > 0 and by_command["ltrim"] > 0, (name, by_command)
         if name != "siocluster":
             assert by_command["publish"] > 0, (name, by_command)
+        if wait_seconds(os.getpid()) is not None:
+            # the scheduler's run delay of every kind of process, where the kernel keeps it
+            waiting = step["window"]["waiting"]
+            for kind in (*kinds[name], "redis-server", "load generator"):
+                assert waiting[kind] >= 0, (name, waiting)
+            assert step["window"]["waiting_total"] == pytest.approx(sum(waiting.values()),
+                                                                    abs=0.01)
+    assert "threads waiting for a CPU, on average" in stdout
 
 
 def test_redis_figures(quick_run):
@@ -198,3 +208,26 @@ def test_chat_table_shows_each_master():
         assert line in text, text
     del step["redis_per_master"]
     assert "master 1" not in report.table(results)
+
+
+def test_wait_seconds_reads_how_long_threads_waited_for_a_cpu():
+    """More busy processes than cores: the scheduler keeps each waiting part of the time,
+    and `wait_seconds` reads it; a process that is gone waited for nothing."""
+    if wait_seconds(os.getpid()) is None:
+        pytest.skip("this kernel keeps no scheduler statistics (schedstat)")
+    spin = ("import time\nend = time.process_time() + 0.4\n"
+            "while time.process_time() < end: pass\nprint('spun', flush=True)\ninput()")
+    busy = [subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+            for _ in range(2 * (os.cpu_count() or 1) + 1)]
+    try:
+        # each has used its 0.4 s of CPU once it says so; then it waits on its stdin
+        assert [proc.stdout.readline() for proc in busy] == ["spun\n"] * len(busy)
+        waited = [wait_seconds(proc.pid) for proc in busy]
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert all(w >= 0 for w in waited), waited
+    assert sum(waited) > 0, waited
+    assert wait_seconds(1 << 23) == 0.0       # above any pid_max: no such process
