@@ -41,25 +41,27 @@ logger = logging.getLogger("siocluster.inbox")
 
 # Push envelopes in order to their clients' queues, a token to the ready list for a queue
 # that was empty, refusing connects and events past the bounds (messages, bytes, messages
-# of one client); never a disconnect, which the app tier must hear of. KEYS: ready, size;
-# ARGV: queue prefix, maxlen, max bytes, per-client maxlen, then kind, sid, envelope for
-# each. Returns the 0-based positions of the refused ones.
+# of one client: by LPUSH's reply, then taken back); never a disconnect, which the app
+# tier must hear of. KEYS: ready, size; ARGV: queue prefix, maxlen, max bytes, per-client
+# maxlen, then kind, sid, envelope for each. Returns the positions (0-based) refused.
 _PUSH = """
 local count = tonumber(redis.call('HGET', KEYS[2], 'messages') or '0')
 local bytes = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
 local maxlen, max_bytes, per_client = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local refused, added, added_bytes = {}, 0, 0
 for i = 5, #ARGV, 3 do
-  local queue, raw = ARGV[1] .. ARGV[i + 1], ARGV[i + 2]
-  if ARGV[i] == 'disconnect' or (count + added < maxlen
-      and bytes + added_bytes + #raw <= max_bytes
-      and redis.call('LLEN', queue) < per_client) then
-    if redis.call('LPUSH', queue, raw) == 1 then
-      redis.call('LPUSH', KEYS[1], ARGV[i + 1])
-    end
-    added, added_bytes = added + 1, added_bytes + #raw
-  else
+  local queue, raw, anyway = ARGV[1] .. ARGV[i + 1], ARGV[i + 2], ARGV[i] == 'disconnect'
+  local length = (anyway or (count + added < maxlen and bytes + added_bytes + #raw <= max_bytes))
+      and redis.call('LPUSH', queue, raw) or 0
+  if length > per_client and not anyway then
+    redis.call('LPOP', queue)
+    length = 0
+  end
+  if length == 0 then
     refused[#refused + 1] = (i - 5) / 3
+  else
+    if length == 1 then redis.call('LPUSH', KEYS[1], ARGV[i + 1]) end
+    added, added_bytes = added + 1, added_bytes + #raw
   end
 end
 if added > 0 then
@@ -113,7 +115,9 @@ while i <= #ARGV do
   local sid, release, n, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local queue = ARGV[1] .. sid
   i = i + 4
-  if redis.call('LPOS', KEYS[2], sid) then
+  -- still held? a token released says so by its LREM's reply (no LPOS first)
+  if release == '1' and redis.call('LREM', KEYS[2], 1, sid) == 1
+      or release ~= '1' and redis.call('LPOS', KEYS[2], sid) then
     for j = i, i + n - 1 do
       if redis.call('LREM', queue, -1, ARGV[j]) == 1 then
         removed, removed_bytes = removed + 1, removed_bytes + #ARGV[j]
@@ -126,11 +130,8 @@ while i <= #ARGV do
         removed_bytes = removed_bytes + #ARGV[j] - #ARGV[j + 1]
       end
     end
-    if release == '1' then
-      redis.call('LREM', KEYS[2], 1, sid)
-      if redis.call('LLEN', queue) > 0 then
-        redis.call('LPUSH', KEYS[1], sid)
-      end
+    if release == '1' and redis.call('LLEN', queue) > 0 then
+      redis.call('LPUSH', KEYS[1], sid)
     end
   end
   i = i + n + 2 * m
@@ -312,7 +313,6 @@ class Inbox:
         and, pipelined behind it, a script reads its messages and takes the rest."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.blmove(self.keys.ready, processing, timeout, "RIGHT", "LEFT")
-        # by sha: redis-py would ask SCRIPT EXISTS in a round trip of its own first
         pipe.evalsha(self._take.sha, 2, self.keys.ready, processing,
                      *self._take_args(clients - 1, per_client, peek=True))
         first, taken = self._taker.execute(pipe)

@@ -197,6 +197,9 @@ def test_a_clients_queue_is_bounded(cluster):
     inbox = Inbox(io.redis, keys, cluster.config)
     wait_until(lambda: inbox.size()[0] == 5 + 2, message="the other client's event was refused")
     assert answers.empty()
+    # what the queues hold, not only what the inbox counts: the refused are not in them
+    queued = [io.redis.lrange(key, 0, -1) for key in io.redis.scan_iter(keys.queue_prefix + "*")]
+    assert sorted(map(len, queued)) == [2, 5], queued
 
 
 def test_a_handler_that_raises_leaves_the_session_as_it_was(cluster):
