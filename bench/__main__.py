@@ -377,7 +377,7 @@ def main(argv=None) -> int:
         print(text)
     print("\n[goals]")
     print(report.goals_table(results["goals"]))
-    for line in report.ladder_warnings(results):
+    for line in report.ladder_warnings(results) + report.ties(results):
         print(f"note: {line}")
     for line in report.skipped(results):
         print(f"note: {line}")

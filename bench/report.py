@@ -271,6 +271,21 @@ def ladder_warnings(results: dict) -> List[str]:
             if _get(figures, key, "ladder_exhausted")]
 
 
+def ties(results: dict) -> List[str]:
+    """A line for each baseline whose highest step held in fan-out or chat is siocluster's
+    own: the ratio between them is then within the ladder's resolution, not a ranking."""
+    lines = []
+    for label, key in (("fan-out", "fanout"), ("chat", "chat")):
+        ours = _get(results["systems"].get(SIOCLUSTER, {}), key, "best_held", "target_in_per_s")
+        for name, figures in results["systems"].items():
+            if name != SIOCLUSTER and ours is not None \
+                    and _get(figures, key, "best_held", "target_in_per_s") == ours:
+                lines.append(f"{SIOCLUSTER} and {name} held the same {label} step "
+                             f"({_fmt(ours)} messages in/s): the ratio between them is within "
+                             f"the ladder's resolution (--fanout-refine tells them apart finer)")
+    return lines
+
+
 def skipped(results: dict) -> List[str]:
     """A line for each system a scenario skipped (Node without node or its packages), and
     for each whose chat held no step."""

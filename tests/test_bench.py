@@ -210,6 +210,24 @@ def test_chat_table_shows_each_master():
     assert "master 1" not in report.table(results)
 
 
+def test_a_step_held_by_both_is_called_a_tie():
+    """When a baseline's highest step held is siocluster's own, the output says their ratio
+    is within the ladder's resolution; a step apart, it says nothing."""
+    from bench import report
+
+    def system(rate):
+        return {"chat": {"best_held": {"target_in_per_s": rate, "out_per_s": rate * 10}}}
+
+    results = {"systems": {"siocluster": system(3139.4), "Node socket.io": system(3139.4),
+                           "RedisManager": system(930.0)}}
+    assert report.ties(results) == [
+        "siocluster and Node socket.io held the same chat step (3,139.4 messages in/s): the "
+        "ratio between them is within the ladder's resolution (--fanout-refine tells them "
+        "apart finer)"]
+    results["systems"]["Node socket.io"] = system(2836.6)
+    assert report.ties(results) == []
+
+
 def test_wait_seconds_reads_how_long_threads_waited_for_a_cpu():
     """More busy processes than cores: the scheduler keeps each waiting part of the time,
     and `wait_seconds` reads it; a process that is gone waited for nothing."""
