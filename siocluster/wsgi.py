@@ -23,6 +23,7 @@ def create_application(environ=None):
     """Build and start an io-node from the environment; returns it (a WSGI app)."""
     from . import logs
     from .config import Config
+    from .entry import freeze_startup_objects
     from .ionode import IoNode
 
     config = Config.from_env(environ)
@@ -31,6 +32,7 @@ def create_application(environ=None):
     logs.identify(node.id)
     node.start()
     atexit.register(node.stop, 5.0)
+    node.logger.debug("io-node %s: %d startup objects frozen", node.id, freeze_startup_objects())
     return node
 
 

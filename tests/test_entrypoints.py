@@ -73,6 +73,9 @@ def test_python_m_ionode_and_appnode(anywhere):
         answer = _echo_through(port)
         assert answer[0]["echo"] == "via websocket"
         assert answer[0]["pid"] == app.proc.pid
+        # what the app-node made while starting is out of the collector's reach (the app,
+        # siocluster, gevent, redis-py: tens of thousands of objects)
+        assert answer[0]["frozen"] > 10_000
     finally:
         io_code, io_out = io.stop()
         app_code, app_out = app.stop()
@@ -105,6 +108,8 @@ def test_log_format_json_gives_one_event_a_line_with_node_kind_and_client(config
     node_id = next(iter({line["node"] for line in io_lines}))
     assert {line["kind"] for line in io_lines} == {"io-node"} and node_id.startswith("io-node")
     assert "DEBUG" in {line["level"] for line in io_lines}
+    frozen = [line["msg"] for line in io_lines if "startup objects frozen" in line["msg"]]
+    assert len(frozen) == 1 and int(frozen[0].split(": ")[1].split()[0]) > 10_000, frozen
     refusal = [line for line in io_lines if line.get("sid") == sid]
     assert refusal and refusal[0]["level"] == "WARNING" and refusal[0]["event"] == "no-client"
     app_lines = [json.loads(line) for line in app_out.splitlines() if line.strip()]
@@ -123,7 +128,7 @@ def test_gunicorn_runs_an_io_node(anywhere):
     config, node_env = anywhere
     pytest.importorskip("gunicorn")
     port = free_port()
-    gunicorn = gunicorn_io_node(port, node_env)
+    gunicorn = gunicorn_io_node(port, dict(node_env, SIOCLUSTER_LOG_LEVEL="debug"))
     app = Process([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"], node_env)
     try:
         wait_until(lambda: _live(config, "app-node"), timeout=20, message="no app-node")
@@ -137,6 +142,7 @@ def test_gunicorn_runs_an_io_node(anywhere):
         gunicorn_code, gunicorn_out = gunicorn.stop()
         app.stop()
     assert gunicorn_code == 0, gunicorn_out
+    assert "startup objects frozen" in gunicorn_out, gunicorn_out
 
 
 def test_entry_point_says_what_to_do_without_redis(node_env):
