@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     from . import logs
     from .config import Config
     from .connection import start_failure
-    from .entry import freeze_startup_objects, listen_error
+    from .entry import listen_error
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
                                      description="Run an app-node: the app's handlers on the "
@@ -311,7 +311,6 @@ def main(argv=None) -> None:
             raise SystemExit(listen_error("app-node", exc, config.http_host, config.http_port))
         node.logger.info("app-node %s: metrics on http://%s:%s/metrics", node.id,
                          *server.address[:2])
-    node.logger.debug("app-node %s: %d startup objects frozen", node.id, freeze_startup_objects())
     node.run_until_signalled("draining")
 
 

@@ -3,7 +3,6 @@ listen. The entry points themselves (`python -m siocluster.ionode`, ``policy_ser
 ...) patch gevent first; this module only runs inside them."""
 
 import errno
-import gc
 import signal
 
 import gevent
@@ -16,22 +15,6 @@ def wait_for_signal() -> None:
     gevent.signal_handler(signal.SIGTERM, shutdown.set)
     gevent.signal_handler(signal.SIGINT, shutdown.set)
     shutdown.wait()
-
-
-def freeze_startup_objects() -> int:
-    """Put what the process made while starting (modules, the app, its handlers) out of the
-    garbage collector's reach, and return how many objects that is.
-
-    A full collection walks every tracked object, and a node's young objects reach the oldest
-    generation all the time (a message's dicts outlive a young collection while they wait for
-    Redis), so without this an app-node under load stopped for a full walk of its startup
-    objects every half minute or so, about 100 ms each time, holding every message it had.
-    Call it once, after start-up and before serving. The cost is bounded: a frozen object
-    that later becomes garbage in a reference cycle (a startup connection replaced after a
-    Redis outage) is never collected, and there is only ever one startup's worth of them."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 def listen_error(who: str, exc: OSError, host: str, port: int, hint: str = "") -> str:

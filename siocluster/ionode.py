@@ -416,7 +416,6 @@ def main(argv=None) -> None:
     from . import logs
     from .config import Config, ConfigError
     from .connection import start_failure
-    from .entry import freeze_startup_objects
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.ionode",
                                      description="Run an io-node: Socket.IO connections <-> Redis.")
@@ -436,9 +435,8 @@ def main(argv=None) -> None:
     except OSError as exc:
         raise SystemExit(listen_error("io-node", exc, config.http_host, config.http_port))
     node.start()
-    logger = logging.getLogger("siocluster")
-    logger.info("io-node %s listening on %s:%s", node.id, *node.address[:2])
-    logger.debug("io-node %s: %d startup objects frozen", node.id, freeze_startup_objects())
+    logging.getLogger("siocluster").info("io-node %s listening on %s:%s", node.id,
+                                         *node.address[:2])
     node.run_until_signalled("stopping")
 
 

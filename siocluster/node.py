@@ -8,6 +8,7 @@ once that Redis is back and calls `redis_returned()`, for subclasses to catch up
 `stop()` sets the flag and `join()` waits, so tests start and stop real nodes in-process.
 """
 
+import gc
 import logging
 import os
 import socket
@@ -146,12 +147,32 @@ class Node:
             self.logger.warning("could not deregister %s: Redis is unreachable", self.id)
 
     def run_until_signalled(self, doing: str = "stopping") -> None:
-        """For entry points: block until SIGTERM or SIGINT, then `stop()` gracefully."""
+        """For entry points: `freeze_startup_objects()`, block until SIGTERM or SIGINT, then
+        `stop()` gracefully."""
         from .entry import wait_for_signal
 
+        self.freeze_startup_objects()
         wait_for_signal()
         self.logger.info("%s %s %s", self.role, self.id, doing)
         self.stop()
+
+    def freeze_startup_objects(self) -> int:
+        """Put what the process made while starting (modules, the app, its handlers) out of
+        the garbage collector's reach; returns how many objects that is. For entry points,
+        once, after `start()` and before serving (`run_until_signalled` does it).
+
+        A full collection walks every tracked object, and young objects reach the oldest
+        generation all the time (a message's dicts outlive a young collection while they
+        wait for Redis), so without this an app-node under load stopped to walk its startup
+        objects every half minute or so, about 100 ms each time, holding every message it
+        had. The cost is bounded: a frozen object that later becomes garbage in a reference
+        cycle (a startup connection replaced after a Redis outage) is never collected, and
+        there is only ever one startup's worth of them."""
+        gc.collect()
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        self.logger.debug("%s %s: %d startup objects frozen", self.role, self.id, frozen)
+        return frozen
 
     def join(self, timeout=None) -> None:
         gevent.joinall(self._greenlets, timeout=timeout)

@@ -23,7 +23,6 @@ def create_application(environ=None):
     """Build and start an io-node from the environment; returns it (a WSGI app)."""
     from . import logs
     from .config import Config
-    from .entry import freeze_startup_objects
     from .ionode import IoNode
 
     config = Config.from_env(environ)
@@ -32,7 +31,7 @@ def create_application(environ=None):
     logs.identify(node.id)
     node.start()
     atexit.register(node.stop, 5.0)
-    node.logger.debug("io-node %s: %d startup objects frozen", node.id, freeze_startup_objects())
+    node.freeze_startup_objects()     # gunicorn serves it next: no run_until_signalled here
     return node
 
 
