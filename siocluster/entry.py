@@ -9,11 +9,15 @@ import gevent
 import gevent.event
 
 
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT; the caller then stops what it runs, gracefully."""
+def wait_for_signal(first=None) -> None:
+    """Block until SIGTERM or SIGINT; the caller then stops what it runs, gracefully.
+    ``first()``, if given, runs once the signals are caught: a SIGTERM during it is kept for
+    after it, where before it would have killed the process."""
     shutdown = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, shutdown.set)
     gevent.signal_handler(signal.SIGINT, shutdown.set)
+    if first is not None:
+        first()
     shutdown.wait()
 
 

@@ -151,8 +151,7 @@ class Node:
         `stop()` gracefully."""
         from .entry import wait_for_signal
 
-        self.freeze_startup_objects()
-        wait_for_signal()
+        wait_for_signal(first=self.freeze_startup_objects)
         self.logger.info("%s %s %s", self.role, self.id, doing)
         self.stop()
 

@@ -145,6 +145,19 @@ def test_gunicorn_runs_an_io_node(anywhere):
     assert "startup objects frozen" in gunicorn_out, gunicorn_out
 
 
+def test_a_sigterm_while_a_node_finishes_starting_stops_it_gracefully():
+    """What `run_until_signalled` does before it waits (freezing the startup objects) runs
+    with SIGTERM already caught: the signal is kept for the wait, not the process killed."""
+    code = ("from gevent import monkey; monkey.patch_all()\n"
+            "import os, signal\n"
+            "from siocluster.entry import wait_for_signal\n"
+            "wait_for_signal(first=lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+            "print('stopping gracefully')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (0, "stopping gracefully\n"), proc.stderr
+
+
 def test_entry_point_says_what_to_do_without_redis(node_env):
     env = dict(node_env, SIOCLUSTER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     proc = subprocess.run([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"],
