@@ -51,7 +51,11 @@ class RedisServer:
              *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        wait_until(lambda: self._ping(client), timeout=10, message="redis-server did not start")
+        try:
+            wait_until(lambda: self._ping(client), timeout=10,
+                       message="redis-server did not start")
+        finally:
+            client.close()
         return self
 
     def _ping(self, client):
