@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     from . import logs
     from .config import Config
     from .connection import start_failure
-    from .entry import listen_error
+    from .entry import catch_signals, listen_error
 
     parser = argparse.ArgumentParser(prog="python -m siocluster.appnode",
                                      description="Run an app-node: the app's handlers on the "
@@ -299,6 +299,7 @@ def main(argv=None) -> None:
     try:
         node = AppNode(args.app, config, background_tasks=args.background_tasks)
         logs.identify(node.id)
+        shutdown = catch_signals()      # from here on a signal stops the node gracefully
         node.start()        # checks Redis first
     except (RuntimeError, RedisError) as exc:   # Redis unreachable or refusing: says what to do
         raise SystemExit(f"app-node: {start_failure(exc, config.effective_redis_url)}")
@@ -311,7 +312,7 @@ def main(argv=None) -> None:
             raise SystemExit(listen_error("app-node", exc, config.http_host, config.http_port))
         node.logger.info("app-node %s: metrics on http://%s:%s/metrics", node.id,
                          *server.address[:2])
-    node.run_until_signalled("draining")
+    node.run_until_signalled("draining", shutdown)
 
 
 if __name__ == "__main__":

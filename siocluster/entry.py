@@ -9,13 +9,23 @@ import gevent
 import gevent.event
 
 
-def wait_for_signal(first=None) -> None:
-    """Block until SIGTERM or SIGINT; the caller then stops what it runs, gracefully.
-    ``first()``, if given, runs once the signals are caught: a SIGTERM during it is kept for
-    after it, where before it would have killed the process."""
+def catch_signals() -> gevent.event.Event:
+    """From now on SIGTERM and SIGINT set the returned event instead of killing the process.
+    An entry point calls this before its node registers in Redis and passes the event to
+    `wait_for_signal`: a signal in between then stops the node gracefully (deregistered)
+    once it has started, where before it killed it registered."""
     shutdown = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, shutdown.set)
     gevent.signal_handler(signal.SIGINT, shutdown.set)
+    return shutdown
+
+
+def wait_for_signal(first=None, shutdown=None) -> None:
+    """Block until SIGTERM or SIGINT (or until ``shutdown``, from `catch_signals`, is set);
+    the caller then stops what it runs, gracefully. ``first()``, if given, runs once the
+    signals are caught: a SIGTERM during it is kept for after it."""
+    if shutdown is None:
+        shutdown = catch_signals()
     if first is not None:
         first()
     shutdown.wait()

@@ -29,7 +29,7 @@ from socketio.exceptions import ConnectionRefusedError as SioConnectionRefused
 from . import defaults, engine, transport
 from .applier import CommandApplier
 from .engine import IoSocketServer
-from .entry import listen_error
+from .entry import catch_signals, listen_error
 from .envelope import JSON, RESERVED_EVENTS, Envelope
 from .ioclient import Client, ClientEvents, safe_environ, same_host_origins, shown
 from .listener import IoHttpServer
@@ -434,10 +434,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"io-node: {exc}")
     except OSError as exc:
         raise SystemExit(listen_error("io-node", exc, config.http_host, config.http_port))
+    shutdown = catch_signals()      # from here on a signal stops the node gracefully
     node.start()
     logging.getLogger("siocluster").info("io-node %s listening on %s:%s", node.id,
                                          *node.address[:2])
-    node.run_until_signalled("stopping")
+    node.run_until_signalled("stopping", shutdown)
 
 
 if __name__ == "__main__":

@@ -146,12 +146,13 @@ class Node:
         except REDIS_DOWN:
             self.logger.warning("could not deregister %s: Redis is unreachable", self.id)
 
-    def run_until_signalled(self, doing: str = "stopping") -> None:
+    def run_until_signalled(self, doing: str = "stopping", shutdown=None) -> None:
         """For entry points: `freeze_startup_objects()`, block until SIGTERM or SIGINT, then
-        `stop()` gracefully."""
+        `stop()` gracefully. ``shutdown``: the event of `entry.catch_signals()`, called
+        before `start()` so that no signal kills the node once it is registered."""
         from .entry import wait_for_signal
 
-        wait_for_signal(first=self.freeze_startup_objects)
+        wait_for_signal(first=self.freeze_startup_objects, shutdown=shutdown)
         self.logger.info("%s %s %s", self.role, self.id, doing)
         self.stop()
 

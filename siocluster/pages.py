@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     from . import logs
     from .config import Config, ConfigError
     from .connection import start_failure
-    from .entry import listen_error
+    from .entry import catch_signals, listen_error
 
     parser = argparse.ArgumentParser(
         prog="python -m siocluster.pages",
@@ -104,10 +104,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"pages: {exc}")
     except OSError as exc:
         raise SystemExit(listen_error("pages", exc, config.http_host, config.http_port))
+    shutdown = catch_signals()      # from here on a signal stops the node gracefully
     node.start()
     logging.getLogger("siocluster").info("io-node %s serving %s and Socket.IO on %s:%s",
                                          node.id, args.app, *node.address[:2])
-    node.run_until_signalled("stopping")
+    node.run_until_signalled("stopping", shutdown)
 
 
 if __name__ == "__main__":

@@ -371,8 +371,11 @@ class Listener(App):
 
     def run(self) -> None:
         """Run the app-node until SIGINT or SIGTERM, then drain and stop."""
+        from .entry import catch_signals
+
+        shutdown = catch_signals()      # from here on a signal stops the node gracefully
         self.start()
-        self.node.run_until_signalled("draining")
+        self.node.run_until_signalled("draining", shutdown)
 
     createMessage = create_message
 

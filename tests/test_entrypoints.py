@@ -158,6 +158,35 @@ def test_a_sigterm_while_a_node_finishes_starting_stops_it_gracefully():
     assert (proc.returncode, proc.stdout) == (0, "stopping gracefully\n"), proc.stderr
 
 
+@pytest.mark.parametrize("module,args,doing", [
+    ("appnode", ["tests.apps:echo", "--workers", "2"], "draining"),
+    ("ionode", ["--port", "0"], "stopping"),
+])
+def test_a_sigterm_right_after_a_node_registers_stops_it_gracefully(config, node_env, module,
+                                                                     args, doing):
+    """The entry points catch SIGTERM before the node registers in Redis: a signal between
+    its registration and the wait stops it gracefully and deregisters it, where the default
+    action would kill it registered (left for the reaper to find)."""
+    code = ("from gevent import monkey; monkey.patch_all()\n"
+            "import os, signal, sys\n"
+            f"from siocluster import {module} as entry\n"
+            "cls = entry.AppNode if hasattr(entry, 'AppNode') else entry.IoNode\n"
+            "start = cls.start\n"
+            "def start_then_signal(self):\n"
+            "    start(self)\n"
+            "    print('registered', self.id in self.state.nodes(role=self.role), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return self\n"
+            "cls.start = start_then_signal\n"
+            f"entry.main({args!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=node_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "registered True\n", proc.stdout + proc.stderr
+    assert f" {doing}" in proc.stderr, proc.stderr
+    assert _live(config, None) == {}      # deregistered
+
+
 def test_entry_point_says_what_to_do_without_redis(node_env):
     env = dict(node_env, SIOCLUSTER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     proc = subprocess.run([sys.executable, "-m", "siocluster.appnode", "tests.apps:echo"],
