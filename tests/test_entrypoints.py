@@ -168,7 +168,7 @@ def test_a_sigterm_right_after_a_node_registers_stops_it_gracefully(config, node
     its registration and the wait stops it gracefully and deregisters it, where the default
     action would kill it registered (left for the reaper to find)."""
     code = ("from gevent import monkey; monkey.patch_all()\n"
-            "import os, signal, sys\n"
+            "import os, signal\n"
             f"from siocluster import {module} as entry\n"
             "cls = entry.AppNode if hasattr(entry, 'AppNode') else entry.IoNode\n"
             "start = cls.start\n"
