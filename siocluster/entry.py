@@ -20,15 +20,11 @@ def catch_signals() -> gevent.event.Event:
     return shutdown
 
 
-def wait_for_signal(first=None, shutdown=None) -> None:
-    """Block until SIGTERM or SIGINT (or until ``shutdown``, from `catch_signals`, is set);
-    the caller then stops what it runs, gracefully. ``first()``, if given, runs once the
-    signals are caught: a SIGTERM during it is kept for after it."""
-    if shutdown is None:
-        shutdown = catch_signals()
-    if first is not None:
-        first()
-    shutdown.wait()
+def wait_for_signal(shutdown=None) -> None:
+    """Block until SIGTERM or SIGINT; the caller then stops what it runs, gracefully.
+    ``shutdown``: the event of an earlier `catch_signals()`, so that a signal since then
+    counts too."""
+    (catch_signals() if shutdown is None else shutdown).wait()
 
 
 def listen_error(who: str, exc: OSError, host: str, port: int, hint: str = "") -> str:

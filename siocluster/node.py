@@ -149,10 +149,14 @@ class Node:
     def run_until_signalled(self, doing: str = "stopping", shutdown=None) -> None:
         """For entry points: `freeze_startup_objects()`, block until SIGTERM or SIGINT, then
         `stop()` gracefully. ``shutdown``: the event of `entry.catch_signals()`, called
-        before `start()` so that no signal kills the node once it is registered."""
-        from .entry import wait_for_signal
+        before `start()` so that no signal kills the node once it is registered; without
+        it the signals are caught here, before the freeze (a signal during it is kept)."""
+        from .entry import catch_signals, wait_for_signal
 
-        wait_for_signal(first=self.freeze_startup_objects, shutdown=shutdown)
+        if shutdown is None:
+            shutdown = catch_signals()
+        self.freeze_startup_objects()
+        wait_for_signal(shutdown)
         self.logger.info("%s %s %s", self.role, self.id, doing)
         self.stop()
 

@@ -149,10 +149,15 @@ def test_a_sigterm_while_a_node_finishes_starting_stops_it_gracefully():
     """What `run_until_signalled` does before it waits (freezing the startup objects) runs
     with SIGTERM already caught: the signal is kept for the wait, not the process killed."""
     code = ("from gevent import monkey; monkey.patch_all()\n"
-            "import os, signal\n"
-            "from siocluster.entry import wait_for_signal\n"
-            "wait_for_signal(first=lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
-            "print('stopping gracefully')\n")
+            "import logging, os, signal\n"
+            "from siocluster.node import Node\n"
+            "class Starting:\n"
+            "    role, id, logger = 'node', 'n1', logging.getLogger()\n"
+            "    def freeze_startup_objects(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    def stop(self):\n"
+            "        print('stopping gracefully')\n"
+            "Node.run_until_signalled(Starting())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=30)
     assert (proc.returncode, proc.stdout) == (0, "stopping gracefully\n"), proc.stderr
