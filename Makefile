@@ -1,6 +1,7 @@
 # siocluster: `make help` lists the targets. Everything installs what it needs by itself.
 
-PYTHON ?= python3
+# the interpreter of the virtual environment: scripts/pick-python says which and why
+PYTHON ?= $(shell scripts/pick-python 2>/dev/null)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -31,7 +32,8 @@ install: $(STAMP) system-deps client-js ## virtual environment, Python packages,
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 9))' || \
 		{ echo "siocluster needs Python 3.9 or newer as $(PYTHON) (set PYTHON=...)"; exit 1; }
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
+	@test -x $(PY) || { $(if $(filter file,$(origin PYTHON)),scripts/pick-python >/dev/null;) echo "creating $(VENV) with $(PYTHON)"; \
+		$(PYTHON) -m venv $(VENV); } || \
 		{ echo "could not create $(VENV): install your system's python3-venv package"; exit 1; }
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e ".[test,server]"

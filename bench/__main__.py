@@ -358,7 +358,7 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=1)
     m = results["machine"]
     print(f"siocluster bench: {m['cores']} cores {m['cpu_model']}, {m['memory_gib']} GiB, "
-          f"Python {m['python']}, redis-server {m['redis_server']}")
+          f"Python {m['python']} ({m['python_executable']}), redis-server {m['redis_server']}")
     print(f"command: {results['command']}")
     print(f"load generator: {args.generators} processes; siocluster: {args.io_nodes} io-nodes, "
           f"{args.app_nodes} app-node(s) of {args.workers} workers")
