@@ -270,6 +270,18 @@ def closed_by_server(sock) -> bool:
     return True
 
 
+def test_the_io_node_sends_each_write_at_once(cluster):
+    # Nagle's algorithm would hold a frame while the client has not acknowledged the last,
+    # up to its delayed acknowledgement (40 ms on Linux): the p99 latency of a busy chat
+    io = cluster.io_node()
+    cluster.app_node(flood_app([]))
+    client = RawClient(io)
+    assert client.connect().startswith("40")
+    [sock] = io.sio.eio.sockets.values()
+    assert sock.writer._raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    done(client)
+
+
 def test_a_client_dribbling_its_headers_is_closed_after_the_handshake_timeout(cluster):
     io = cluster.io_node(handshake_timeout=0.5)
     cluster.app_node(flood_app([]))
